@@ -1,0 +1,121 @@
+"""Training: determinism, resume == uninterrupted, cancel keeps the work, train → save → load == trained model."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from zipq_core import GenerateConfig, TrainConfig, ZipqError, generate, load_adapter, load_base, train_adapter
+from zipq_core.data import DataConfig, prepare_images
+
+
+def _images(folder, cfg: TrainConfig):
+    return prepare_images(folder, cfg.instance_prompt, DataConfig(resolution=cfg.resolution), token=cfg.token)
+
+
+def _run(base, folder, cfg, out, **kw):
+    records = list(train_adapter(base, _images(folder, cfg), cfg, out, **kw))
+    return records
+
+
+def _same_adapters(a, b) -> bool:
+    return all(torch.equal(a.layers[k].down, b.layers[k].down) and torch.equal(a.layers[k].up, b.layers[k].up)
+               and (a.layers[k].magnitude is None or torch.equal(a.layers[k].magnitude, b.layers[k].magnitude))
+               for k in a.layers)
+
+
+@pytest.fixture(scope="module")
+def mini():
+    return load_base("mini")
+
+
+def test_training_is_deterministic_and_changes_the_model(mini, subject_dir, tmp_path):
+    cfg = TrainConfig(class_noun="thing", steps=4, resolution=64)
+    a_records = _run(mini, subject_dir, cfg, tmp_path / "a")
+    _run(mini, subject_dir, cfg, tmp_path / "b")
+    a, b = load_adapter(tmp_path / "a"), load_adapter(tmp_path / "b")
+    assert a_records[-1].done and a_records[-1].step == 4
+    assert _same_adapters(a, b)
+    assert any(layer.up.abs().max() > 0 for layer in a.layers.values())
+    assert a.info["kind"] == "subject" and len(a.info["loss_curve"]) == 4 and a.info["base"] == "mini"
+
+
+def test_resume_equals_uninterrupted(mini, subject_dir, tmp_path):
+    cfg = TrainConfig(class_noun="thing", steps=6, checkpoint_every=3, method="dora")
+    _run(mini, subject_dir, cfg, tmp_path / "full")
+    # Stop after step 3 as a crash would (the generator is simply dropped), then resume.
+    for record in train_adapter(mini, _images(subject_dir, cfg), cfg, tmp_path / "part"):
+        if record.step == 3:
+            assert record.checkpoint is not None
+            break
+    records = _run(mini, subject_dir, cfg, tmp_path / "part", resume=True)
+    assert records[1].step == 4  # picked up after the checkpoint
+    full, resumed = load_adapter(tmp_path / "full"), load_adapter(tmp_path / "part")
+    assert _same_adapters(full, resumed)
+    assert full.info["loss_curve"] == resumed.info["loss_curve"]
+
+
+def test_cancel_saves_checkpoint_and_adapter(mini, subject_dir, tmp_path):
+    cfg = TrainConfig(class_noun="thing", steps=50)
+    cancel = threading.Event()
+    last = None
+    for last in train_adapter(mini, _images(subject_dir, cfg), cfg, tmp_path / "c", cancel=cancel):
+        if last.step == 2:
+            cancel.set()
+    assert last.cancelled and last.step == 2 and last.checkpoint is not None
+    assert load_adapter(tmp_path / "c").info["steps_done"] == 2
+    # The shared base UNet is restored: no peft layers remain.
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    assert not any(isinstance(m, BaseTunerLayer) for m in mini.unet.modules())
+
+
+@pytest.mark.parametrize("arch_dir", ["tiny_sd1_dir", "tiny_sdxl_dir"])
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_trained_adapter_strength_ends(arch_dir, method, subject_dir, tmp_path, request):
+    """train → save → load; strength 0 == base pixel for pixel; strength 1 == the model as trained (peft)."""
+    from diffusers import DiffusionPipeline
+
+    folder = request.getfixturevalue(arch_dir)
+    base = load_base(str(folder))
+    cfg = TrainConfig(class_noun="thing", steps=3, method=method, learning_rate=5e-2)
+    _run(base, subject_dir, cfg, tmp_path / "a")
+    adapter = load_adapter(tmp_path / "a")
+    gcfg = GenerateConfig(prompt=cfg.instance_prompt, steps=3, width=64, height=64)
+    plain = np.asarray(generate(base, gcfg)[0])
+    zero = np.asarray(generate(base, gcfg, [(adapter, 0.0)])[0])
+    ours = np.asarray(generate(base, gcfg, [(adapter, 1.0)])[0], dtype=np.int16)
+    assert np.array_equal(plain, zero)
+    assert np.abs(ours - plain).max() > 0
+    pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+    pipe.load_lora_weights(str(tmp_path / "a"))
+    theirs = pipe(prompt=gcfg.prompt, num_inference_steps=3, width=64, height=64, guidance_scale=gcfg.guidance,
+                  generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.abs(ours - np.asarray(theirs, dtype=np.int16)).max() <= 2  # uint8 rounding of tiny float noise
+
+
+def test_bad_target_modules_are_named(mini, subject_dir, tmp_path):
+    cfg = TrainConfig(class_noun="thing", steps=1, target_modules=("no_such_layer",))
+    with pytest.raises(ZipqError, match="no_such_layer"):
+        _run(mini, subject_dir, cfg, tmp_path / "x")
+
+
+def test_resume_without_checkpoint_is_a_clear_error(mini, subject_dir, tmp_path):
+    with pytest.raises(ZipqError, match="Nothing to resume"):
+        _run(mini, subject_dir, TrainConfig(class_noun="thing", steps=2), tmp_path / "none", resume=True)
+
+
+def test_prior_preservation_generates_and_uses_class_images(mini, subject_dir, tmp_path):
+    cfg = TrainConfig(class_noun="thing", steps=2, prior_preservation=True, num_class_images=2)
+    records = _run(mini, subject_dir, cfg, tmp_path / "p")
+    assert records[-1].done
+    assert len(list((tmp_path / "p" / "class_images").glob("*.png"))) == 2
+
+
+@pytest.mark.parametrize("bad", [dict(rank=0), dict(steps=0), dict(token="two words"), dict(resolution=65),
+                                 dict(method="loha"), dict(prior_preservation=True, class_noun="")])
+def test_config_errors_say_what_to_change(bad):
+    with pytest.raises(ZipqError):
+        TrainConfig(**bad)

@@ -1,0 +1,196 @@
+"""Base models: resolve a spec (`mini`, hub id, diffusers folder, `.safetensors` file), load it lazily, cache it.
+
+The architecture is read from the loaded components (never guessed from a name): SDXL has a second
+text encoder and `text_time` added conditions; SD2 uses linear projections in its transformers; the
+rest is SD1.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from .errors import ZipqError
+
+Arch = Literal["sd1", "sd2", "sdxl"]
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+ASSETS_DIR = PACKAGE_DIR.parent / "assets"
+MINI_DIR = ASSETS_DIR / "mini"
+
+_CACHE: dict[tuple, "BaseModel"] = {}
+_CACHE_LOCK = threading.Lock()
+_MAX_CACHED = 2  # two SDXL pipelines already fill a 24 GB GPU; mini costs nothing
+
+
+@dataclass
+class BaseModel:
+    """A loaded pipeline plus what the rest of the core needs to know about it."""
+
+    spec: str  # what the user asked for ("mini", a hub id, a path)
+    pipe: object  # a diffusers StableDiffusion(XL)Pipeline
+    arch: Arch
+    device: torch.device
+    dtype: torch.dtype
+    lock: threading.RLock  # one job at a time touches the (shared, cached) UNet weights
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    @property
+    def is_mini(self) -> bool:
+        return self.spec == "mini"
+
+    @property
+    def default_size(self) -> int:
+        """The resolution the model was trained at: sample_size latents × VAE factor."""
+        return int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
+
+    def describe(self) -> str:
+        return f"{self.spec} ({self.arch}, {self.device.type}, {str(self.dtype).removeprefix('torch.')})"
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """CUDA when present, else CPU; an explicit choice wins (and fails clearly if absent)."""
+    if device:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ZipqError(f"device {device!r} was asked for but no CUDA GPU is visible: use --device cpu.")
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
+    """fp32 on CPU (bf16 was slower there without AMX, DESIGN §9); bf16/fp16 on CUDA."""
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+             "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype:
+        if dtype not in names:
+            raise ZipqError(f"dtype {dtype!r} is unknown: use fp32, fp16 or bf16.")
+        return names[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def detect_arch(pipe) -> Arch:
+    """Read the architecture off the components."""
+    unet_cfg = pipe.unet.config
+    if getattr(pipe, "text_encoder_2", None) is not None or unet_cfg.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    return "sd2" if unet_cfg.get("use_linear_projection") else "sd1"
+
+
+def detect_single_file_arch(path: Path) -> Arch:
+    """Read the architecture of an original-format checkpoint from its key names (no weights are loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+    if any(k.startswith("conditioner.embedders.1.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        raise ZipqError(f"{path.name}: a UNet checkpoint without its text encoder; use a full checkpoint "
+                        "or a diffusers folder.")
+    raise ZipqError(f"{path.name} is not a Stable Diffusion checkpoint (no UNet/text-encoder keys found). "
+                    "Is it a LoRA? Load it as an adapter instead.")
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _load_pipeline(spec: str, dtype: torch.dtype):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if spec == "mini":
+        if not (MINI_DIR / "model_index.json").exists():
+            raise ZipqError(f"The bundled mini model is missing at {MINI_DIR}: is the checkout complete "
+                            "(git lfs is not used; re-clone the repository)?")
+        return DiffusionPipeline.from_pretrained(str(MINI_DIR), torch_dtype=dtype, local_files_only=True)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise ZipqError(f"{path} is a folder but not a diffusers pipeline (no model_index.json).")
+        return DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+    if path.suffix in (".ckpt", ".pt", ".bin", ".pth"):
+        raise ZipqError(f"{path.name}: only .safetensors checkpoints are accepted (pickled files can run code).")
+    if path.suffix == ".safetensors":
+        if not path.exists():
+            raise ZipqError(f"Checkpoint file {path} does not exist.")
+        arch = detect_single_file_arch(path)
+        cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+        try:
+            return cls.from_single_file(str(path), torch_dtype=dtype)
+        except Exception as e:  # diffusers fetches the matching config from the hub on first use
+            raise ZipqError(f"Could not load {path.name} as {arch}: {e}. Single files need the model's config "
+                            "once from the hub (run once online) or use a diffusers folder.") from e
+    if "/" not in spec or spec.count("/") > 1:
+        raise ZipqError(f"Base model {spec!r} is neither 'mini', an existing folder, a .safetensors file nor a "
+                        "hub id like 'stabilityai/stable-diffusion-xl-base-1.0'.")
+    return _load_hub(spec, dtype)
+
+
+def _load_hub(repo_id: str, dtype: torch.dtype):
+    from diffusers import DiffusionPipeline
+
+    try:  # the local cache first: no network, and it is all an offline machine has
+        return DiffusionPipeline.from_pretrained(repo_id, torch_dtype=dtype, local_files_only=True)
+    except Exception as cached_error:
+        if is_offline():
+            raise ZipqError(f"{repo_id} is not in the local Hugging Face cache and this machine is offline "
+                            "(HF_HUB_OFFLINE=1). Use --base mini (bundled), a local diffusers folder or a "
+                            ".safetensors file.") from cached_error
+    try:
+        return DiffusionPipeline.from_pretrained(repo_id, torch_dtype=dtype)
+    except Exception as e:
+        raise ZipqError(f"Could not download {repo_id}: {type(e).__name__}: {e}. Without network access use "
+                        "--base mini (bundled), a local diffusers folder or a .safetensors file.") from e
+
+
+def load_base(spec: str = "mini", device: str | None = None, dtype: str | None = None) -> BaseModel:
+    """Load (once) and return a base model.
+
+    Args:
+        spec: "mini", a hub id, a local diffusers folder or a single `.safetensors` checkpoint.
+        device: "cpu", "cuda", "cuda:1"; None picks CUDA when present.
+        dtype: "fp32", "fp16", "bf16"; None picks fp32 on CPU, bf16/fp16 on CUDA.
+
+    Returns:
+        The cached `BaseModel`; later calls with the same arguments return the same object.
+    """
+    spec = str(spec).strip() or "mini"
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    key = (spec, str(dev), str(dt))
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+        pipe = _load_pipeline(spec, dt)
+        if getattr(pipe, "unet", None) is None:
+            raise ZipqError(f"{spec} is a {type(pipe).__name__}; only UNet Stable Diffusion pipelines "
+                            "(SD1.x, SD2.x, SDXL) are supported.")
+        pipe.to(dev)
+        pipe.set_progress_bar_config(disable=True)
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+            if module is not None:
+                module.requires_grad_(False).eval()
+        base = BaseModel(spec=spec, pipe=pipe, arch=detect_arch(pipe), device=dev, dtype=dt, lock=threading.RLock())
+        while len(_CACHE) >= _MAX_CACHED:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = base
+        return base
+
+
+def clear_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()

@@ -1,0 +1,173 @@
+"""`python -m zipq_core …`: the same core functions the app calls, with a progress bar and a JSON summary.
+
+Progress goes to stderr, the JSON summary to stdout, so `… | jq` works. A `ZipqError` prints its
+message (no traceback) and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from .errors import ZipqError
+
+
+def _add_base_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default="mini", help="mini (bundled), a hub id, a diffusers folder or a .safetensors file")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp32 on CPU, bf16/fp16 on CUDA")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import DEFAULT_TARGETS
+
+    parser = argparse.ArgumentParser(prog="python -m zipq_core", description="ZipQDoRA Studio core: train subject "
+                                     "and style adapters, merge them, generate, evaluate.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a subject or style adapter (LoRA/DoRA, optional quantized base)")
+    _add_base_args(t)
+    t.add_argument("--images", required=True, help="folder of training images (bad files are skipped and named)")
+    t.add_argument("--kind", choices=["subject", "style"], default="subject")
+    t.add_argument("--token", default="sks", help="rare word naming the concept, e.g. sks (subject) or zkz (style)")
+    t.add_argument("--class-noun", default="", help="what the subject is (dog, mug) / what a style image shows")
+    t.add_argument("--method", choices=["dora", "lora"], default="dora")
+    t.add_argument("--rank", type=int, default=8)
+    t.add_argument("--alpha", type=float, default=None, help="default: = rank")
+    t.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated module suffixes")
+    t.add_argument("--lr", type=float, default=1e-3, help="learning rate (1e-4 is usual for SDXL)")
+    t.add_argument("--steps", type=int, default=200)
+    t.add_argument("--batch", type=int, default=2)
+    t.add_argument("--resolution", type=int, default=None, help="default: the base model's native size")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--prior-preservation", action="store_true")
+    t.add_argument("--quantize-base", choices=["none", "int8", "nf4"], default="none", help="QDoRA: 8/4-bit frozen base")
+    t.add_argument("--checkpoint-every", type=int, default=0)
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    t.add_argument("--int8-adapter", action="store_true", help="also save an INT8 copy of the adapter")
+    t.add_argument("--out", required=True, help="output folder for the adapter")
+
+    g = sub.add_parser("generate", help="generate images with adapters at chosen strengths")
+    _add_base_args(g)
+    g.add_argument("--adapter", action="append", default=[], help="PATH[:STRENGTH], strength 0–1.5 (default 1); repeatable")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--guidance", type=float, default=5.0)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--out", required=True, help="image path (several images: name_0.png, name_1.png …)")
+
+    e = sub.add_parser("evaluate", help="score images: subject / style fidelity and prompt adherence (JSON)")
+    e.add_argument("--images", required=True)
+    e.add_argument("--subject-ref", default=None)
+    e.add_argument("--style-ref", default=None)
+    e.add_argument("--prompt", default=None)
+    return parser
+
+
+class _Bar:
+    """A tqdm bar on stderr (no-op when tqdm is missing or stderr is not wanted)."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
+
+    def update_to(self, n: int, **postfix) -> None:
+        self.bar.n = n
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def cmd_train(args: argparse.Namespace) -> dict:
+    from .base import load_base
+    from .config import TrainConfig
+    from .data import DataConfig, prepare_images
+    from .train import train_adapter
+
+    base = load_base(args.base, args.device, args.dtype)
+    resolution = args.resolution or base.default_size
+    cfg = TrainConfig(kind=args.kind, token=args.token, class_noun=args.class_noun, method=args.method,
+                      rank=args.rank, alpha=args.alpha, target_modules=tuple(s for s in args.targets.split(",") if s),
+                      learning_rate=args.lr, steps=args.steps, batch_size=args.batch, resolution=resolution,
+                      seed=args.seed, prior_preservation=args.prior_preservation, quantize_base=args.quantize_base,
+                      checkpoint_every=args.checkpoint_every)
+    images = prepare_images(args.images, cfg.instance_prompt, DataConfig(resolution=resolution), token=cfg.token)
+    for r in images.rejected:
+        print(f"skipped {r.name}: {r.reason}", file=sys.stderr)
+    bar = _Bar(cfg.steps, f"train {cfg.kind} {cfg.method}")
+    last = None
+    try:
+        for last in train_adapter(base, images, cfg, args.out, resume=args.resume, info={"base": args.base}):
+            bar.update_to(last.step, loss=f"{last.loss:.4f}", eta=f"{last.eta:.0f}s")
+    finally:
+        bar.close()
+    summary = {"adapter": str(Path(args.out).resolve()), "steps": last.step, "final_loss": last.loss,
+               "train_seconds": round(last.elapsed, 2), "images": len(images.images),
+               "rejected": [{"file": r.name, "reason": r.reason} for r in images.rejected]}
+    if args.int8_adapter:
+        from .adapters import load_adapter
+        from .quantize import save_adapter_int8
+
+        summary["int8_adapter"] = str(save_adapter_int8(load_adapter(args.out), Path(args.out) / "int8"))
+    return summary
+
+
+def cmd_generate(args: argparse.Namespace) -> dict:
+    from .base import load_base
+    from .config import GenerateConfig
+    from .generate import generate, load_adapters
+
+    base = load_base(args.base, args.device, args.dtype)
+    size = base.default_size
+    cfg = GenerateConfig(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
+                         guidance=args.guidance, width=args.width or size, height=args.height or size,
+                         num_images=args.num_images)
+    adapters = load_adapters(args.adapter)
+    bar = _Bar(cfg.steps, "generate")
+    started = time.time()
+    try:
+        images = generate(base, cfg, adapters, on_step=lambda i, n: bar.update_to(i))
+    finally:
+        bar.close()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}")
+                                            for i in range(len(images))]
+    for image, path in zip(images, paths):
+        image.save(path)
+    return {"images": [str(p) for p in paths], "seconds": round(time.time() - started, 2),
+            "adapters": [{"path": a, "strength": s} for a, s in zip(args.adapter, [s for _, s in adapters])]}
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict:
+    from .evaluate import evaluate_folder
+
+    return evaluate_folder(args.images, subject_ref=args.subject_ref, style_ref=args.style_ref, prompt=args.prompt)
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evaluate}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = COMMANDS[args.command](args)
+    except ZipqError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    print(json.dumps(summary, indent=2, default=str))
+    return 0

@@ -1,0 +1,130 @@
+"""One validated config dataclass per stage.
+
+Each `__post_init__` checks what a person can get wrong and raises `ZipqError` with a message that
+says what to change, so the CLI and the app can show it as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from .errors import ZipqError
+
+Kind = Literal["subject", "style"]
+Method = Literal["lora", "dora"]
+QuantizeBase = Literal["none", "int8", "nf4"]
+
+DEFAULT_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+FEED_FORWARD_TARGETS: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2")
+MAX_STRENGTH = 1.5
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ZipqError(message)
+
+
+def _check_token(token: str, what: str) -> None:
+    _check(bool(token) and token.strip() == token and " " not in token,
+           f"{what} {token!r} must be one word without spaces, e.g. 'sks' or 'zkz'.")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What to train and how. The defaults suit the bundled `mini` model on a CPU."""
+
+    kind: Kind = field(default="subject", metadata={"help": "'subject' (a thing) or 'style' (a look)."})
+    token: str = field(default="sks", metadata={"help": "Rare word that names the new concept in prompts."})
+    class_noun: str = field(default="", metadata={"help": "What the subject is ('dog', 'mug'); for a style, "
+                                                          "the kind of thing pictured in the style images."})
+    method: Method = field(default="dora", metadata={"help": "'dora' (weight-decomposed LoRA) or 'lora'."})
+    rank: int = field(default=8, metadata={"help": "Adapter rank r (1–256)."})
+    alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; scale = alpha / rank. None: = rank."})
+    target_modules: tuple[str, ...] = field(default=DEFAULT_TARGETS,
+                                            metadata={"help": "UNet module name suffixes to adapt."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (1e-4 is usual for SDXL)."})
+    steps: int = field(default=200, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=2, metadata={"help": "Images per step."})
+    resolution: int = field(default=64, metadata={"help": "Training resolution in pixels (multiple of 8)."})
+    seed: int = field(default=0, metadata={"help": "Seed for noise, timesteps and batches: same seed, same adapter."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear learning-rate warm-up steps."})
+    flip: bool = field(default=True, metadata={"help": "Also train on mirrored images (off for text/logos)."})
+    prior_preservation: bool = field(default=False, metadata={"help": "DreamBooth prior preservation."})
+    prior_weight: float = field(default=1.0, metadata={"help": "Weight of the prior-preservation loss."})
+    num_class_images: int = field(default=8, metadata={"help": "Class images generated for the prior."})
+    quantize_base: QuantizeBase = field(default="none", metadata={"help": "QDoRA: train on an 8-bit or 4-bit base."})
+    sample_every: int = field(default=0, metadata={"help": "Render a preview every N steps (0: never)."})
+    checkpoint_every: int = field(default=0, metadata={"help": "Save a resumable checkpoint every N steps."})
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("subject", "style"), f"kind must be 'subject' or 'style', not {self.kind!r}.")
+        _check(self.method in ("lora", "dora"), f"method must be 'lora' or 'dora', not {self.method!r}.")
+        _check_token(self.token, "The token")
+        _check(1 <= self.rank <= 256, f"rank must be between 1 and 256, not {self.rank}.")
+        _check(self.alpha is None or self.alpha > 0, f"alpha must be positive, not {self.alpha}.")
+        _check(len(self.target_modules) > 0, "Name at least one target module, e.g. to_q,to_k,to_v,to_out.0.")
+        _check(0 < self.learning_rate <= 1.0, f"learning rate {self.learning_rate} is out of range: try 1e-4…1e-2.")
+        _check(1 <= self.steps <= 100_000, f"steps must be between 1 and 100000, not {self.steps}.")
+        _check(1 <= self.batch_size <= 64, f"batch size must be between 1 and 64, not {self.batch_size}.")
+        _check(64 <= self.resolution <= 2048 and self.resolution % 8 == 0,
+               f"resolution must be a multiple of 8 between 64 and 2048, not {self.resolution}.")
+        _check(0 <= self.warmup_steps < self.steps, "warm-up steps must be fewer than the training steps.")
+        _check(self.prior_weight >= 0, "prior weight must be ≥ 0.")
+        _check(1 <= self.num_class_images <= 1000, "number of class images must be between 1 and 1000.")
+        _check(self.quantize_base in ("none", "int8", "nf4"),
+               f"quantize_base must be 'none', 'int8' or 'nf4', not {self.quantize_base!r}.")
+        _check(self.sample_every >= 0 and self.checkpoint_every >= 0, "sample/checkpoint intervals must be ≥ 0.")
+        if self.prior_preservation:
+            _check(bool(self.class_noun), "Prior preservation needs a class noun (e.g. 'dog') to generate class images.")
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    @property
+    def instance_prompt(self) -> str:
+        """The caption every training image gets unless it has a sidecar .txt."""
+        if self.kind == "subject":
+            return f"a photo of {self.token} {self.class_noun}".strip()
+        thing = self.class_noun or "picture"
+        return f"a {thing} in {self.token} style"
+
+    @property
+    def class_prompt(self) -> str:
+        return f"a photo of {self.class_noun}" if self.kind == "subject" else f"a {self.class_noun or 'picture'}"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """One generation request."""
+
+    prompt: str = "a photo of sks dog"
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 5.0
+    width: int = 64
+    height: int = 64
+    num_images: int = 1
+
+    def __post_init__(self) -> None:
+        _check(bool(self.prompt.strip()), "Write a prompt: the images are generated from it.")
+        _check(1 <= self.steps <= 200, f"steps must be between 1 and 200, not {self.steps}.")
+        _check(0.0 <= self.guidance <= 30.0, f"guidance must be between 0 and 30, not {self.guidance}.")
+        for side, value in (("width", self.width), ("height", self.height)):
+            _check(64 <= value <= 2048 and value % 8 == 0,
+                   f"{side} must be a multiple of 8 between 64 and 2048, not {value}.")
+        _check(1 <= self.num_images <= 16, f"number of images must be between 1 and 16, not {self.num_images}.")
+        _check(0 <= self.seed < 2**63, "seed must be a non-negative integer.")
+
+
+def check_strength(strength: float) -> float:
+    """Validate an adapter strength (DESIGN §6: 0 = base exactly, 1 = as trained)."""
+    _check(0.0 <= strength <= MAX_STRENGTH, f"adapter strength must be between 0 and {MAX_STRENGTH}, not {strength}.")
+    return float(strength)

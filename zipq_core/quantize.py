@@ -1,0 +1,81 @@
+"""Quantization: INT8 storage of adapters (this file's first half) and QDoRA's quantized frozen base.
+
+INT8 adapter format: each LoRA factor is stored as int8 with one fp16 scale per rank component
+(rows of lora_A [r, in], columns of lora_B [out, r]) under `<key>.int8_scale`; the header carries
+`zipq.int8 = "1"`. DoRA magnitudes stay fp16: m sits near ‖W0‖ and the learned change m − ‖W0‖ is
+small, so an 8-bit grid over m would erase it. Dequantization happens on load, so every stage sees floats.
+
+Error bound: symmetric rounding to a grid of step s = max|row| / 127 puts every element within s / 2
+(plus fp16 rounding of the scale) of its float value.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INT8_FLAG = "zipq.int8"
+SCALE_SUFFIX = ".int8_scale"
+
+
+def _component_axis(key: str) -> int:
+    """The axis along which one rank component lies: lora_A rows (dim 0), lora_B columns (dim 1)."""
+    return 1 if ".lora_B." in key or key.endswith(".lora_up.weight") else 0
+
+
+def quantize_int8(tensor: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-component INT8.
+
+    Args:
+        tensor: a LoRA factor, e.g. lora_A [r, in] (axis 0) or lora_B [out, r] (axis 1); conv factors too.
+        axis: the rank axis; one scale per index along it.
+
+    Returns:
+        (int8 tensor of the same shape, fp16 scales [r]).
+    """
+    t = tensor.float().movedim(axis, 0)  # [r, …]
+    amax = t.flatten(1).abs().amax(dim=1)  # [r]
+    scale = (amax / 127.0).clamp_min(1e-12).half()
+    q = torch.round(t / scale.float().view(-1, *([1] * (t.dim() - 1)))).clamp_(-127, 127).to(torch.int8)
+    return q.movedim(0, axis).contiguous(), scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, axis: int) -> torch.Tensor:
+    t = q.float().movedim(axis, 0)
+    return (t * scale.float().view(-1, *([1] * (t.dim() - 1)))).movedim(0, axis).contiguous()
+
+
+def int8_error_bound(tensor: torch.Tensor, axis: int) -> torch.Tensor:
+    """Max abs error allowed per element by the format: half a grid step, plus the fp16 scale rounding."""
+    t = tensor.float().movedim(axis, 0)
+    amax = t.flatten(1).abs().amax(dim=1)
+    step = amax / 127.0
+    bound = step / 2 + amax * 2.0**-10  # |x|/scale ≤ 127 and the fp16 scale is within 2^-11 relative
+    return bound.view(-1, *([1] * (t.dim() - 1))).expand_as(t).movedim(0, axis)
+
+
+def quantize_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LoRA factors → int8 + scales; other tensors (DoRA magnitudes) → fp16."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if key.endswith((".lora_A.weight", ".lora_B.weight")):
+            q, scale = quantize_int8(tensor, _component_axis(key))
+            out[key] = q
+            out[key + SCALE_SUFFIX] = scale
+        else:
+            out[key] = tensor.half()
+    return out
+
+
+def dequantize_state_dict(tensors: dict[str, torch.Tensor], header: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Inverse of `quantize_state_dict` when the header flags INT8; float files pass through untouched."""
+    if header.get(INT8_FLAG) != "1":
+        return tensors
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if key.endswith(SCALE_SUFFIX):
+            continue
+        if tensor.dtype == torch.int8:
+            out[key] = dequantize_int8(tensor, tensors[key + SCALE_SUFFIX], _component_axis(key))
+        else:
+            out[key] = tensor.float()
+    return out
