@@ -414,3 +414,30 @@ def parse_prompt(text: str) -> dict[str, str | None]:
         "colour": _find(t, {c: [c] for c in COLOURS}),
         "background": background,
     }
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+def render_dataset(n: int, seed: int, held_out: bool | str = False) -> tuple[np.ndarray, list[Scene]]:
+    """Render ``n`` random scenes.
+
+    Args:
+        n: Number of images.
+        seed: Seed of the scene sampler (same seed, same images).
+        held_out: As in ``sample_scene``.
+
+    Returns:
+        ``(images, scenes)``: uint8 array (n, 64, 64, 3) and the scenes drawn.
+    """
+    rng = np.random.default_rng(seed)
+    scenes = [sample_scene(rng, held_out) for _ in range(n)]
+    return np.stack([np.asarray(render(s)) for s in scenes]), scenes
+
+
+def labels(scenes: list[Scene]) -> dict[str, np.ndarray]:
+    """Integer class labels per attribute: indices into ALL_SUBJECTS, ALL_STYLES, COLOUR_NAMES, BACKGROUND_NAMES."""
+    return {
+        "subject": np.array([ALL_SUBJECTS.index(s.subject) for s in scenes], dtype=np.int64),
+        "style": np.array([ALL_STYLES.index(s.style) for s in scenes], dtype=np.int64),
+        "colour": np.array([COLOUR_NAMES.index(s.colour) for s in scenes], dtype=np.int64),
+        "background": np.array([BACKGROUND_NAMES.index(s.background) for s in scenes], dtype=np.int64),
+    }
