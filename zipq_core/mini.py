@@ -235,7 +235,24 @@ def save_mini(pipe, out_dir: Path | str = MINI_DIR, fp16: bool = True) -> Path:
         for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
             getattr(p, name).to(torch.float16)
     p.save_pretrained(out, safe_serialization=True)
+    _declare_float32_text_encoders(out)
     return out
+
+
+def _declare_float32_text_encoders(out: Path) -> None:
+    """Make a plain `DiffusionPipeline.from_pretrained(out)` load every component in fp32.
+
+    transformers 5 loads a model in the dtype its config.json declares, diffusers models in fp32: with
+    fp16 text encoders next to an fp32 UNet the pipeline fails ("mat1 and mat2 must have the same dtype").
+    The weights stay fp16 on disk (size); only the declared dtype changes.
+    """
+    import json
+
+    for name in ("text_encoder", "text_encoder_2"):
+        path = out / name / "config.json"
+        config = json.loads(path.read_text())
+        config["dtype"] = "float32"
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load_mini(path: Path | str = MINI_DIR, dtype: torch.dtype = torch.float32):
