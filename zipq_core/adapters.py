@@ -73,6 +73,13 @@ class Adapter:
     def rank(self) -> int:
         return collections.Counter(layer.rank for layer in self.layers.values()).most_common(1)[0][0]
 
+    def detached(self) -> "Adapter":
+        """A copy whose tensors carry no autograd history (after a learned merge)."""
+        detach = lambda t: None if t is None else t.detach().clone()
+        layers = {k: LoraLayer(detach(l.down), detach(l.up), l.scale, detach(l.magnitude))
+                  for k, l in self.layers.items()}
+        return Adapter(layers=layers, use_dora=self.use_dora, info=dict(self.info))
+
     def num_params(self) -> int:
         return sum(l.down.numel() + l.up.numel() + (0 if l.magnitude is None else l.magnitude.numel())
                    for l in self.layers.values())
@@ -105,6 +112,15 @@ def fuse_weight(w0: torch.Tensor, parts: Sequence[tuple[LoraLayer, float]]) -> t
     Returns:
         The fused weight in fp32 (the caller casts it to the module's dtype).
     """
+    direction, magnitude = direction_and_magnitude(w0, parts)
+    if magnitude is None:
+        return direction
+    return _per_row(magnitude / row_norm(direction), direction) * direction
+
+
+def direction_and_magnitude(w0: torch.Tensor, parts: Sequence[tuple[LoraLayer, float]]
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """V = W0 + Σ wᵢ·ΔWᵢ and the DoRA target row norms m (None when no part is DoRA); see `fuse_weight`."""
     w0f = w0.float()
     lora_part = torch.zeros_like(w0f)
     dora_part = torch.zeros_like(w0f)
@@ -116,16 +132,15 @@ def fuse_weight(w0: torch.Tensor, parts: Sequence[tuple[LoraLayer, float]]) -> t
             continue
         delta = strength * layer.delta().to(w0f.device)
         if layer.magnitude is None:
-            lora_part += delta
+            lora_part = lora_part + delta
         else:
             has_dora = True
-            dora_part += delta
-            magnitude_shift += strength * (layer.magnitude.float().to(w0f.device).flatten() - n0)
+            dora_part = dora_part + delta
+            magnitude_shift = magnitude_shift + strength * (layer.magnitude.float().to(w0f.device).flatten() - n0)
     direction = w0f + lora_part + dora_part
     if not has_dora:
-        return direction
-    magnitude = row_norm(w0f + lora_part) + magnitude_shift
-    return _per_row(magnitude / row_norm(direction), direction) * direction
+        return direction, None
+    return direction, row_norm(w0f + lora_part) + magnitude_shift
 
 
 def _group_by_module(adapters: Sequence[tuple[Adapter, float]]) -> dict[str, list[tuple[LoraLayer, float]]]:
@@ -205,6 +220,12 @@ def _lora_config_dict(adapter: Adapter) -> dict:
             "lora_dropout": 0.0, "bias": "none"}
 
 
+def lora_metadata(adapter: Adapter) -> dict:
+    """diffusers' `lora_adapter_metadata`: the LoraConfig fields, prefixed by component ("unet.r", …)."""
+    components = sorted({k.partition(".")[0] for k in adapter.layers})
+    return {f"{c}.{k}": v for c in components for k, v in _lora_config_dict(adapter).items()}
+
+
 def adapter_state_dict(adapter: Adapter, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Peft-style tensors keyed as diffusers' `load_lora_weights` expects them."""
     out: dict[str, torch.Tensor] = {}
@@ -237,9 +258,7 @@ def save_adapter(adapter: Adapter, out_dir: str | Path, dtype: torch.dtype = tor
         if not torch.isfinite(tensor).all():
             raise ZipqError(f"Refusing to save: {name} holds non-finite values (the training diverged; "
                             "lower the learning rate).")
-    config = {f"{component}.{k}": v for component in sorted({k.partition('.')[0] for k in adapter.layers})
-              for k, v in _lora_config_dict(adapter).items()}
-    metadata = {"format": "pt", METADATA_KEY: json.dumps(config, sort_keys=True),
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(lora_metadata(adapter), sort_keys=True),
                 "zipq.info": json.dumps(adapter.info, sort_keys=True, default=str)}
     path = out / WEIGHTS_NAME
     tmp = path.with_suffix(".tmp")

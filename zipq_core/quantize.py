@@ -79,3 +79,32 @@ def dequantize_state_dict(tensors: dict[str, torch.Tensor], header: dict[str, st
         else:
             out[key] = tensor.float()
     return out
+
+
+def save_adapter_int8(adapter, out_dir) -> "Path":
+    """Save an adapter with INT8 factors (flagged in the header); `load_adapter` dequantizes it transparently.
+
+    Args:
+        adapter: a float `Adapter`.
+        out_dir: the folder to write (weights + sidecar).
+
+    Returns:
+        The weights file.
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from .adapters import METADATA_KEY, SIDECAR_NAME, WEIGHTS_NAME, adapter_state_dict, lora_metadata
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = quantize_state_dict(adapter_state_dict(adapter))
+    info = {**adapter.info, "storage": "int8"}
+    metadata = {"format": "pt", INT8_FLAG: "1", METADATA_KEY: json.dumps(lora_metadata(adapter), sort_keys=True),
+                "zipq.info": json.dumps(info, sort_keys=True, default=str)}
+    path = out / WEIGHTS_NAME
+    save_file(tensors, str(path), metadata=metadata)
+    (out / SIDECAR_NAME).write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+    return path

@@ -221,6 +221,7 @@ def train_adapter(base: BaseModel, images: ImageSet, cfg: TrainConfig, out_dir: 
         unet_ctx = quantized_unet(base, cfg.quantize_base)
     else:
         unet_ctx = None
+    save_training_views(images, out_dir)
     with base.lock:
         started = time.time()
         generator = torch.Generator("cpu").manual_seed(cfg.seed)
@@ -326,3 +327,31 @@ def _finish(unet, cfg: TrainConfig, out_dir: Path, curve: list[float], step: int
     save_adapter(adapter, out_dir)
     (out_dir / "train_log.json").write_text(json.dumps({"loss": curve}, indent=0))
     return out_dir
+
+
+TRAIN_IMAGES_DIR = "train_images"
+
+
+def save_training_views(images: ImageSet, out_dir: Path) -> None:
+    """Keep the prepared training views and captions beside the adapter.
+
+    ZipLoRA/ZipQDoRA merging needs each adapter's own images and prompts (DESIGN §7); storing the
+    cropped views (a few kB each at 64 px) makes an adapter folder self-sufficient for merging.
+    """
+    folder = out_dir / TRAIN_IMAGES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    captions = {}
+    for i, item in enumerate(images.images):
+        name = f"{i:03d}.png"
+        item.image.save(folder / name)
+        captions[name] = item.caption
+    (folder / "captions.json").write_text(json.dumps(captions, indent=1))
+
+
+def load_training_views(adapter_dir: str | Path) -> tuple[list[Image.Image], list[str]] | None:
+    """The training views saved by `save_training_views`, or None for adapters made elsewhere."""
+    folder = Path(adapter_dir) / TRAIN_IMAGES_DIR
+    if not (folder / "captions.json").exists():
+        return None
+    captions = json.loads((folder / "captions.json").read_text())
+    return [Image.open(folder / n).convert("RGB") for n in sorted(captions)], [captions[n] for n in sorted(captions)]

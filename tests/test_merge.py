@@ -1,0 +1,114 @@
+"""Merging: every method on real trained adapters; the saved low-rank file is exact; slider semantics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zipq_core import TrainConfig, ZipqError, load_adapter, load_base, train_adapter
+from zipq_core.adapters import applied
+from zipq_core.data import DataConfig, prepare_images
+from zipq_core.merge import METHODS, MergeConfig, concat_parts, merge_adapters, slider_adapters
+from zipq_core.adapters import LoraLayer, fuse_weight
+
+from test_adapters import _unet_out
+
+
+def _train(base, folder, kind, token, noun, method, out):
+    cfg = TrainConfig(kind=kind, token=token, class_noun=noun, steps=6, method=method, learning_rate=2e-2)
+    images = prepare_images(folder, cfg.instance_prompt, DataConfig(), token=token)
+    for _ in train_adapter(base, images, cfg, out):
+        pass
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, subject_dir, style_dir):
+    base = load_base("mini")
+    tmp = tmp_path_factory.mktemp("merge")
+    made = {}
+    for method in ("dora", "lora"):
+        made[f"subject_{method}"] = _train(base, subject_dir, "subject", "sks", subject_dir.name, method,
+                                           tmp / f"subject_{method}")
+        made[f"style_{method}"] = _train(base, style_dir, "style", "zkz", "star", method, tmp / f"style_{method}")
+    return base, made
+
+
+def test_concat_of_parts_is_exact():
+    torch.manual_seed(0)
+    w0 = torch.randn(12, 10)
+    parts = [LoraLayer(torch.randn(3, 10) * .1, torch.randn(12, 3) * .1, 0.7, torch.rand(12) + 1),
+             LoraLayer(torch.randn(2, 10) * .1, torch.randn(12, 2) * .1, 1.3, torch.rand(12) + 1)]
+    merged = concat_parts(w0, parts)
+    assert merged.rank == 5
+    assert torch.allclose(fuse_weight(w0, [(merged, 1.0)]), fuse_weight(w0, [(p, 1.0) for p in parts]), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_saves_a_file_diffusers_reads_exactly(method, adapters, tmp_path):
+    """The merged file, read by diffusers' load_lora_weights, reproduces the merged model within 1e-4."""
+    from diffusers import DiffusionPipeline
+
+    base, made = adapters
+    kind = "lora" if method == "zip" else "dora"
+    cfg = MergeConfig(method=method, steps=5)
+    records = list(merge_adapters(base, made[f"subject_{kind}"], made[f"style_{kind}"], cfg, tmp_path / "m"))
+    assert records[-1].done and records[-1].adapter_dir == tmp_path / "m"
+    if cfg.learned:
+        assert len(records) >= 2 and all(r.loss == r.loss for r in records[:-1])  # finite losses per step
+    reference = _unet_out(base)
+    with applied(base.pipe, slider_adapters(tmp_path / "m", 1.0, 1.0)):
+        merged_model = _unet_out(base)
+    with applied(base.pipe, [(load_adapter(tmp_path / "m"), 1.0)]):
+        merged_file = _unet_out(base)
+    assert torch.allclose(merged_model, merged_file, atol=1e-4)
+    assert not torch.allclose(merged_model, reference, atol=1e-4)
+    pipe = DiffusionPipeline.from_pretrained("assets/mini", local_files_only=True)
+    pipe.load_lora_weights(str(tmp_path / "m"))
+    theirs = _unet_out(type("B", (), {"unet": pipe.unet})())
+    assert (theirs - merged_model).abs().max() < 1e-4
+
+
+def test_sliders_zero_zero_is_base_exactly(adapters, tmp_path):
+    base, made = adapters
+    list(merge_adapters(base, made["subject_dora"], made["style_dora"], MergeConfig(method="zipq", steps=3),
+                        tmp_path / "m"))
+    reference = _unet_out(base)
+    with applied(base.pipe, slider_adapters(tmp_path / "m", 0.0, 0.0)):
+        assert torch.equal(_unet_out(base), reference)
+    with applied(base.pipe, slider_adapters(tmp_path / "m", 1.0, 0.0)):
+        subject_only = _unet_out(base)
+    with applied(base.pipe, slider_adapters(tmp_path / "m", 0.0, 1.0)):
+        style_only = _unet_out(base)
+    assert not torch.equal(subject_only, reference) and not torch.equal(style_only, subject_only)
+
+
+def test_direct_merge_at_unit_weights_is_both_adapters_at_strength_one(adapters, tmp_path):
+    base, made = adapters
+    list(merge_adapters(base, made["subject_dora"], made["style_dora"], MergeConfig(method="direct"), tmp_path / "d"))
+    with applied(base.pipe, [(load_adapter(made["subject_dora"]), 1.0), (load_adapter(made["style_dora"]), 1.0)]):
+        both = _unet_out(base)
+    with applied(base.pipe, [(load_adapter(tmp_path / "d"), 1.0)]):
+        merged = _unet_out(base)
+    assert torch.allclose(both, merged, atol=1e-4)
+
+
+def test_zipq_refuses_lora_inputs_and_cancel_stops(adapters, tmp_path):
+    import threading
+
+    base, made = adapters
+    with pytest.raises(ZipqError, match="zip"):
+        list(merge_adapters(base, made["subject_lora"], made["style_lora"], MergeConfig(method="zipq"), tmp_path / "x"))
+    cancel = threading.Event()
+    records = []
+    for record in merge_adapters(base, made["subject_dora"], made["style_dora"], MergeConfig(steps=50), tmp_path / "c",
+                                 cancel=cancel):
+        records.append(record)
+        cancel.set()
+    assert records[-1].cancelled and records[-1].step <= 2
+
+
+@pytest.mark.parametrize("bad", [dict(method="sum"), dict(steps=0), dict(density=0), dict(subject_weight=2)])
+def test_merge_config_errors(bad):
+    with pytest.raises(ZipqError):
+        MergeConfig(**bad)
