@@ -64,6 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--out", required=True, help="image path (several images: name_0.png, name_1.png …)")
 
+    m = sub.add_parser("merge", help="merge a subject and a style adapter (zipq, zip, direct, ties, dare, blora)")
+    _add_base_args(m)
+    m.add_argument("--subject", required=True, help="subject adapter folder or .safetensors")
+    m.add_argument("--style", required=True, help="style adapter folder or .safetensors")
+    m.add_argument("--method", default="zipq", choices=["zipq", "zip", "direct", "ties", "dare", "blora"])
+    m.add_argument("--steps", type=int, default=100, help="learned methods: merger steps (≤ 100 is ZipLoRA's budget)")
+    m.add_argument("--lr", type=float, default=1e-2)
+    m.add_argument("--lam", type=float, default=0.01, help="λ of the merger-similarity term")
+    m.add_argument("--subject-weight", type=float, default=1.0)
+    m.add_argument("--style-weight", type=float, default=1.0)
+    m.add_argument("--density", type=float, default=0.5, help="ties/dare: fraction kept")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out", required=True)
+
     e = sub.add_parser("evaluate", help="score images: subject / style fidelity and prompt adherence (JSON)")
     e.add_argument("--images", required=True)
     e.add_argument("--subject-ref", default=None)
@@ -150,17 +164,52 @@ def cmd_generate(args: argparse.Namespace) -> dict:
             "adapters": [{"path": a, "strength": s} for a, s in zip(args.adapter, [s for _, s in adapters])]}
 
 
+def cmd_merge(args: argparse.Namespace) -> dict:
+    from .base import load_base
+    from .merge import MergeConfig, merge_adapters
+
+    base = load_base(args.base, args.device, args.dtype)
+    cfg = MergeConfig(method=args.method, steps=args.steps, learning_rate=args.lr, lam=args.lam, seed=args.seed,
+                      subject_weight=args.subject_weight, style_weight=args.style_weight, density=args.density)
+    bar = _Bar(cfg.steps if cfg.learned else 1, f"merge {cfg.method}")
+    last = None
+    try:
+        for last in merge_adapters(base, args.subject, args.style, cfg, args.out):
+            bar.update_to(last.step if not last.done or cfg.learned else 1, loss=f"{last.loss:.4f}")
+    finally:
+        bar.close()
+    return {"adapter": str(Path(args.out).resolve()), **last.summary}
+
+
 def cmd_evaluate(args: argparse.Namespace) -> dict:
-    from .evaluate import evaluate_folder
+    from .evaluate import evaluate_images, load_images
 
-    return evaluate_folder(args.images, subject_ref=args.subject_ref, style_ref=args.style_ref, prompt=args.prompt)
+    refs = {k: load_images(v) if v else None for k, v in (("subject", args.subject_ref), ("style", args.style_ref))}
+    return evaluate_images(load_images(args.images), subject_ref=refs["subject"], style_ref=refs["style"],
+                           prompt=args.prompt)
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "evaluate": cmd_evaluate}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "evaluate": cmd_evaluate}
+
+
+def _quiet_libraries() -> None:
+    """Library progress bars and deprecation chatter would drown the CLI's own bar."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_libraries()
     try:
         summary = COMMANDS[args.command](args)
     except ZipqError as e:
