@@ -347,18 +347,8 @@ def ema_pipeline(pipe, emas: dict[str, Ema]):
 
 def eval_generations(cfg: RecipeConfig, pipe) -> dict:
     """Evaluator accuracy (subject, style, colour) of generations from seeded in-distribution prompts."""
-    rng = np.random.default_rng(EVAL_SEED)
-    scenes = [world.sample_scene(rng, held_out=False) for _ in range(cfg.eval_n)]
-    prompts = [world.caption(s, rng) for s in scenes]
-    images, t0 = [], time.time()
-    for i, p in enumerate(prompts):
-        g = torch.Generator().manual_seed(EVAL_SEED + i)
-        images.append(pipe(p, num_inference_steps=cfg.eval_steps, guidance_scale=cfg.guidance, generator=g,
-                           height=64, width=64).images[0])
-    sec = (time.time() - t0) / len(prompts)
-    lab = {k: v for k, v in world.labels(scenes).items() if k != "background"}
-    acc = evaluate.accuracy(evaluate.load_evaluator(cfg.evaluator), images, lab)
-    return {f"{k}_acc": v for k, v in acc.items()} | {"sec_per_image": sec, "images": images, "prompts": prompts}
+    return evaluate.generation_quality(pipe, n=cfg.eval_n, seed=EVAL_SEED, steps=cfg.eval_steps, guidance=cfg.guidance,
+                                       evaluator=evaluate.load_evaluator(cfg.evaluator))
 
 
 def train_unet(cfg: RecipeConfig):
@@ -452,7 +442,7 @@ def run(stage: str, cfg: RecipeConfig, log_every: int = 50) -> list[dict]:
         return [res]
     if stage == "eval":
         r = eval_generations(cfg, load_pipeline(cfg))
-        r = {k: v for k, v in r.items() if k not in ("images",)}
+        r = {k: v for k, v in r.items() if k not in ("images", "prompts")}
         log_line(cfg, f"eval {json.dumps(r)}")
         return [r]
     gen = train_vae(cfg) if stage == "vae" else train_unet(cfg)

@@ -360,6 +360,39 @@ def evaluate_images(images: Images, subject_ref: Images | None = None, style_ref
     return out
 
 
+def generation_quality(pipe, n: int = 200, seed: int = 4242, steps: int = 20, guidance: float = 5.0,
+                       evaluator: Evaluator | None = None) -> dict:
+    """How well a text-to-image pipeline draws seeded in-distribution prompts of the world.
+
+    Args:
+        pipe: A ``StableDiffusionXLPipeline`` (e.g. ``mini.load_mini()``), 64 px.
+        n: Number of prompts (one image each, generator seeded with ``seed + i``).
+        seed: Seed of the prompts (base subjects and styles only).
+        steps: Inference steps.
+        guidance: Classifier-free guidance scale.
+        evaluator: Defaults to ``load_evaluator()``.
+
+    Returns:
+        ``{"subject_acc", "style_acc", "colour_acc", "sec_per_image" (median), "n", "prompts", "images"}``.
+    """
+    import time
+
+    rng = np.random.default_rng(seed)
+    scenes = [world.sample_scene(rng, held_out=False) for _ in range(n)]
+    prompts = [world.caption(s, rng) for s in scenes]
+    images, secs = [], []
+    for i, p in enumerate(prompts):
+        g = torch.Generator().manual_seed(seed + i)
+        t0 = time.perf_counter()
+        images.append(pipe(p, num_inference_steps=steps, guidance_scale=guidance, generator=g, height=64,
+                           width=64).images[0])
+        secs.append(time.perf_counter() - t0)
+    lab = {k: v for k, v in world.labels(scenes).items() if k in ("subject", "style", "colour")}
+    acc = accuracy(evaluator or load_evaluator(), images, lab)
+    return {**{f"{k}_acc": v for k, v in acc.items()}, "sec_per_image": float(np.median(secs)), "n": n,
+            "prompts": prompts, "images": images}
+
+
 # ------------------------------------------------------------------------------ optional CLIP / DINO hook
 def feature_metrics(images: Images, subject_ref: Images | None = None, style_ref: Images | None = None,
                     prompt: str | None = None, clip_model: str = "openai/clip-vit-large-patch14",
