@@ -220,6 +220,12 @@ def _lora_config_dict(adapter: Adapter) -> dict:
             "lora_dropout": 0.0, "bias": "none"}
 
 
+def header_info(info: dict) -> str:
+    """The sidecar as a compact header string, without the per-step loss curve (it stays in adapter.json)."""
+    return json.dumps({k: v for k, v in info.items() if k != "loss_curve"}, sort_keys=True, default=str,
+                      separators=(",", ":"))
+
+
 def lora_metadata(adapter: Adapter) -> dict:
     """diffusers' `lora_adapter_metadata`: the LoraConfig fields, prefixed by component ("unet.r", …)."""
     components = sorted({k.partition(".")[0] for k in adapter.layers})
@@ -259,7 +265,7 @@ def save_adapter(adapter: Adapter, out_dir: str | Path, dtype: torch.dtype = tor
             raise ZipqError(f"Refusing to save: {name} holds non-finite values (the training diverged; "
                             "lower the learning rate).")
     metadata = {"format": "pt", METADATA_KEY: json.dumps(lora_metadata(adapter), sort_keys=True),
-                "zipq.info": json.dumps(adapter.info, sort_keys=True, default=str)}
+                "zipq.info": header_info(adapter.info)}
     path = out / WEIGHTS_NAME
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=metadata)

@@ -1,7 +1,8 @@
 """Quantization: INT8 storage of adapters (this file's first half) and QDoRA's quantized frozen base.
 
 INT8 adapter format: each LoRA factor is stored as int8 with one fp16 scale per rank component
-(rows of lora_A [r, in], columns of lora_B [out, r]) under `<key>.int8_scale`; the header carries
+(rows of lora_A [r, in], columns of lora_B [out, r]), packed into three 1-D tensors (int8 data, fp16
+scales, fp16 other tensors) described by the header's `zipq.int8.layout`; the header carries
 `zipq.int8 = "1"`. DoRA magnitudes stay fp16: m sits near ‖W0‖ and the learned change m − ‖W0‖ is
 small, so an 8-bit grid over m would erase it. Dequantization happens on load, so every stage sees floats.
 
@@ -11,10 +12,12 @@ Error bound: symmetric rounding to a grid of step s = max|row| / 127 puts every 
 
 from __future__ import annotations
 
+import json
+import math
+
 import torch
 
 INT8_FLAG = "zipq.int8"
-SCALE_SUFFIX = ".int8_scale"
 
 
 def _component_axis(key: str) -> int:
@@ -53,32 +56,62 @@ def int8_error_bound(tensor: torch.Tensor, axis: int) -> torch.Tensor:
     return bound.view(-1, *([1] * (t.dim() - 1))).expand_as(t).movedim(0, axis)
 
 
-def quantize_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """LoRA factors → int8 + scales; other tensors (DoRA magnitudes) → fp16."""
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        if key.endswith((".lora_A.weight", ".lora_B.weight")):
-            q, scale = quantize_int8(tensor, _component_axis(key))
-            out[key] = q
-            out[key + SCALE_SUFFIX] = scale
-        else:
-            out[key] = tensor.half()
-    return out
+LAYOUT_KEY = "zipq.int8.layout"
+PACKED = ("zipq.int8.data", "zipq.int8.scales", "zipq.fp16.data")
+
+
+_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector")
+
+
+def quantize_state_dict(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """Pack an adapter's tensors: LoRA factors → one int8 blob + one fp16 scale vector, magnitudes → fp16 blob.
+
+    Packing (instead of one safetensors entry per factor) keeps the header small: on a small model the
+    ~130-byte header entry of each tensor would otherwise cost as much as the data saved.
+
+    Returns:
+        (the three packed 1-D tensors, the JSON layout [[module, A shape, B shape, magnitude shape or []], …]).
+    """
+    int8, scales, fp16, layout = [], [], [], []
+    modules = sorted({k[: -len(sfx)] for k in tensors for sfx in _SUFFIXES if k.endswith(sfx)})
+    for module in modules:
+        shapes = []
+        for suffix in _SUFFIXES[:2]:
+            key = module + suffix
+            q, scale = quantize_int8(tensors[key], _component_axis(key))
+            int8.append(q.flatten())
+            scales.append(scale)
+            shapes.append(list(q.shape))
+        magnitude = tensors.get(module + _SUFFIXES[2])
+        if magnitude is not None:
+            fp16.append(magnitude.half().flatten())
+        layout.append([module, *shapes, [] if magnitude is None else list(magnitude.shape)])
+    cat = lambda parts, dtype: torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+    packed = dict(zip(PACKED, (cat(int8, torch.int8), cat(scales, torch.float16), cat(fp16, torch.float16))))
+    return packed, json.dumps(layout, separators=(",", ":"))
 
 
 def dequantize_state_dict(tensors: dict[str, torch.Tensor], header: dict[str, str]) -> dict[str, torch.Tensor]:
     """Inverse of `quantize_state_dict` when the header flags INT8; float files pass through untouched."""
     if header.get(INT8_FLAG) != "1":
         return tensors
+    offsets = {name: 0 for name in PACKED}
     out: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        if key.endswith(SCALE_SUFFIX):
-            continue
-        if tensor.dtype == torch.int8:
-            out[key] = dequantize_int8(tensor, tensors[key + SCALE_SUFFIX], _component_axis(key))
-        else:
-            out[key] = tensor.float()
+    for module, a_shape, b_shape, m_shape in json.loads(header[LAYOUT_KEY]):
+        for suffix, shape in zip(_SUFFIXES[:2], (a_shape, b_shape)):
+            key = module + suffix
+            axis = _component_axis(key)
+            q = _take(tensors, offsets, PACKED[0], math.prod(shape)).view(shape)
+            out[key] = dequantize_int8(q, _take(tensors, offsets, PACKED[1], shape[axis]), axis)
+        if m_shape:
+            out[module + _SUFFIXES[2]] = _take(tensors, offsets, PACKED[2], math.prod(m_shape)).view(m_shape).float()
     return out
+
+
+def _take(tensors: dict[str, torch.Tensor], offsets: dict[str, int], name: str, count: int) -> torch.Tensor:
+    start = offsets[name]
+    offsets[name] = start + count
+    return tensors[name][start : start + count]
 
 
 def save_adapter_int8(adapter, out_dir) -> "Path":
@@ -96,14 +129,15 @@ def save_adapter_int8(adapter, out_dir) -> "Path":
 
     from safetensors.torch import save_file
 
-    from .adapters import METADATA_KEY, SIDECAR_NAME, WEIGHTS_NAME, adapter_state_dict, lora_metadata
+    from .adapters import METADATA_KEY, SIDECAR_NAME, WEIGHTS_NAME, adapter_state_dict, header_info, lora_metadata
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = quantize_state_dict(adapter_state_dict(adapter))
+    tensors, layout = quantize_state_dict(adapter_state_dict(adapter))
     info = {**adapter.info, "storage": "int8"}
-    metadata = {"format": "pt", INT8_FLAG: "1", METADATA_KEY: json.dumps(lora_metadata(adapter), sort_keys=True),
-                "zipq.info": json.dumps(info, sort_keys=True, default=str)}
+    metadata = {"format": "pt", INT8_FLAG: "1", LAYOUT_KEY: layout,
+                METADATA_KEY: json.dumps(lora_metadata(adapter), sort_keys=True),
+                "zipq.info": header_info(info)}
     path = out / WEIGHTS_NAME
     save_file(tensors, str(path), metadata=metadata)
     (out / SIDECAR_NAME).write_text(json.dumps(info, indent=2, sort_keys=True, default=str))

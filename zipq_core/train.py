@@ -304,7 +304,7 @@ def _train_step(base, unet, scheduler, data: _Batchable, prior: _Batchable | Non
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     t = t.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
-    dtype = unet.dtype
+    dtype = _compute_dtype(unet)
     autocast = torch.autocast(base.device.type, dtype=dtype, enabled=base.device.type == "cuda" and dtype != torch.float32)
     with autocast:
         pred = unet_forward(unet, noisy.to(dtype), t, cond).float()
@@ -313,6 +313,11 @@ def _train_step(base, unet, scheduler, data: _Batchable, prior: _Batchable | Non
         return F.mse_loss(pred, target)
     n = cfg.batch_size
     return F.mse_loss(pred[:n], target[:n]) + cfg.prior_weight * F.mse_loss(pred[n:], target[n:])
+
+
+def _compute_dtype(unet: torch.nn.Module) -> torch.dtype:
+    """The UNet's float dtype (a quantized UNet's first parameters may be int8/uint8 storage)."""
+    return next((p.dtype for p in unet.parameters() if p.is_floating_point() and not p.requires_grad), torch.float32)
 
 
 def _finish(unet, cfg: TrainConfig, out_dir: Path, curve: list[float], step: int, info: dict | None,
