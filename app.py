@@ -1,0 +1,1065 @@
+"""ZipQDoRA Studio: the Gradio app (upload → train → merge with sliders → generate → compare).
+
+A thin layer over `zipq_core`: every action is a core call; long work (training, merging) runs in the
+core's job registry (`zipq_core.jobs`) apart from the request, and the page polls it with a `gr.Timer`, so
+a reload or a second tab re-attaches to the same jobs. Each visitor has a session id kept in the browser
+(`gr.BrowserState`) and a work folder of their own, removed after a time-to-live.
+
+    python app.py [--host 0.0.0.0] [--port 7860] [--share] [--auth user:pass] [--base mini]
+
+Every main action has a named API endpoint (`api_name`), so `gradio_client` can script the studio; the
+endpoints take the session id as their first argument (get one from `/new_session`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import logging
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from zipq_core import GenerateConfig, TrainConfig, ZipqError, generate, load_adapter, load_base, train_adapter
+from zipq_core.base import BaseModel
+from zipq_core.config import check_strength
+from zipq_core.data import DataConfig, ImageSet, prepare_images
+from zipq_core.jobs import FINISHED, Job, JobContext, JobRegistry, check_session_id, new_session_id
+from zipq_core.train import latest_checkpoint
+
+try:  # ZeroGPU Spaces: GPU work must be decorated; elsewhere `spaces` is absent and this is a no-op.
+    import spaces
+
+    gpu_task: Callable = spaces.GPU(duration=120)
+except ImportError:
+    def gpu_task(fn: Callable) -> Callable:
+        return fn
+
+log = logging.getLogger("zipq.app")
+
+ROOT = Path(__file__).resolve().parent
+EXAMPLES = ROOT / "assets" / "examples"
+DEFAULT_WORK_DIR = ROOT / "runs" / "sessions"
+DEFAULT_SUBJECT_EXAMPLE, DEFAULT_STYLE_EXAMPLE = "heart", "zigzag"
+SUBJECT_TOKEN, STYLE_TOKEN = "sks", "zkz"
+# Issue 5: 3–10 subject images, 1–5 style images.
+LIMITS = {"subject": (3, 10), "style": (1, 5)}
+TOKEN_SUGGESTIONS = {"subject": ["sks", "ohwx", "zwx"], "style": ["zkz", "xyz", "szn"]}
+GENERAL_NOUNS = ["dog", "cat", "person", "mug", "toy", "car", "plant"]
+# Sized so the whole example flow takes well under 5 minutes on a 2-core CPU (measured: see README).
+FLOW_STEPS = 150
+MAX_FILE_SIZE = "20mb"
+POLL_SECONDS = 1.0
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+MERGE_LABELS = {"zipq": "ZipQDoRA", "zip": "ZipLoRA", "direct": "direct (weighted sum)", "ties": "TIES",
+                "dare": "DARE", "blora": "B-LoRA"}
+
+
+# -------------------------------------------------------------------------------------------- core checks
+def merge_methods() -> list[str]:
+    """The merge methods the core offers (none when `zipq_core.merge` is not in this build)."""
+    if importlib.util.find_spec("zipq_core.merge") is None:
+        return []
+    from zipq_core.merge import METHODS
+
+    return list(METHODS)
+
+
+def qdora_available() -> bool:
+    """Training on a quantized base needs `zipq_core.qdora`; the option is refused clearly when absent."""
+    return importlib.util.find_spec("zipq_core.qdora") is not None
+
+
+def example_names(kind: str) -> list[str]:
+    folder = EXAMPLES / ("subjects" if kind == "subject" else "styles")
+    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.exists() else []
+
+
+# -------------------------------------------------------------------------------------- errors → messages
+def user_errors(fn: Callable) -> Callable:
+    """Turn core errors into page messages: a `ZipqError` as it is, anything else as a short generic line.
+
+    The traceback of an unexpected error goes to the server log only; the page never shows one.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except ZipqError as e:
+            raise gr.Error(str(e), title="Cannot do that", print_exception=False) from None
+        except Exception as e:
+            log.exception("handler %s failed", fn.__name__)
+            raise gr.Error(f"Something went wrong on the server ({type(e).__name__}). The details are in the "
+                           "server log; try again, or reload the page.", print_exception=False) from None
+
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------------ session files
+@dataclass
+class Settings:
+    """What a session remembers besides its files: the words that name its concepts, its flow's jobs."""
+
+    subject_token: str = SUBJECT_TOKEN
+    class_noun: str = ""
+    style_token: str = STYLE_TOKEN
+    style_noun: str = ""
+    flow_jobs: tuple[str, ...] = ()
+
+    @property
+    def prompt(self) -> str:
+        noun = f" {self.class_noun}" if self.class_noun else ""
+        return f"a photo of {self.subject_token}{noun} in {self.style_token} style"
+
+
+@dataclass(frozen=True)
+class SessionPaths:
+    """Where one session keeps things under its work folder."""
+
+    root: Path
+
+    def images(self, kind: str) -> Path:
+        return self.root / kind / "images"
+
+    def adapter(self, kind: str) -> Path:
+        return self.root / "adapters" / kind
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "adapters" / "merged"
+
+    @property
+    def outputs(self) -> Path:
+        return self.root / "outputs"
+
+    @property
+    def downloads(self) -> Path:
+        return self.root / "downloads"
+
+    @property
+    def settings_file(self) -> Path:
+        return self.root / "settings.json"
+
+    def has_adapter(self, kind: str) -> bool:
+        folder = self.merged if kind == "merged" else self.adapter(kind)
+        return (folder / ADAPTER_FILE).exists()
+
+
+def read_settings(paths: SessionPaths) -> Settings:
+    try:
+        data = json.loads(paths.settings_file.read_text())
+        data["flow_jobs"] = tuple(data.get("flow_jobs", ()))
+        return Settings(**data)
+    except (OSError, ValueError, TypeError):
+        return Settings()
+
+
+def write_settings(paths: SessionPaths, settings: Settings) -> None:
+    paths.settings_file.write_text(json.dumps(asdict(settings), indent=1))
+
+
+def copy_uploads(files: Sequence[str], folder: Path) -> list[Path]:
+    """Copy uploads into a fresh folder, keeping their names (a repeated name gets a numeric suffix)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    copies = []
+    for src in files:
+        src = Path(src)
+        dst, n = folder / src.name, 1
+        while dst.exists():
+            n += 1
+            dst = folder / f"{src.stem}_{n}{src.suffix}"
+        shutil.copyfile(src, dst)
+        copies.append(dst)
+    return copies
+
+
+def drop_rejected(folder: Path, image_set: ImageSet) -> None:
+    """Remove skipped files from the session's folder so training sees only usable images."""
+    for r in image_set.rejected:
+        (folder / r.name).unlink(missing_ok=True)
+
+
+def download_copy(src: Path, dst: Path) -> Path:
+    """A copy of an adapter file under a telling name (refreshed when the source is newer)."""
+    if not dst.exists() or dst.stat().st_mtime < src.stat().st_mtime:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+    return dst
+
+
+# -------------------------------------------------------------------------------------- display helpers
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "–"
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min"
+
+
+def job_line(job: Job | None, position: int, name: str) -> str:
+    """One Markdown line about a job: status, step, loss, ETA, queue position or error."""
+    if job is None:
+        return f"**{name}**: not started."
+    snap = job.snapshot(position)
+    head = f"**{name}** · {snap['status']}"
+    if snap["status"] == "queued":
+        return f"{head} (position {position} in the queue)"
+    if snap["status"] == "failed":
+        return f"{head}: {snap['error']}"
+    parts = [head]
+    if snap["total"]:
+        parts.append(f"step {snap['step']}/{snap['total']}")
+    if snap["loss"] is not None:
+        parts.append(f"loss {snap['loss']:.4f}")
+    if snap["status"] == "running" and snap["eta"] is not None:
+        parts.append(f"ETA {fmt_seconds(snap['eta'])}")
+    if snap["status"] in FINISHED and snap["started"] and snap["finished"]:
+        parts.append(f"took {fmt_seconds(snap['finished'] - snap['started'])}")
+    if snap["status"] == "cancelled" and snap["error"]:
+        parts.append(snap["error"])
+    return " · ".join(parts)
+
+
+def loss_frame(jobs: dict[str, Job | None]):
+    """Loss curves of several jobs as one long table (step, loss, series) for `gr.LinePlot`."""
+    import pandas as pd
+
+    rows = [{"step": p.step, "loss": p.loss, "series": name}
+            for name, job in jobs.items() if job is not None
+            for p in list(job.progress) if p.loss == p.loss]  # p.loss == p.loss drops NaN set-up records
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+
+
+def rejected_markdown(image_set: ImageSet | None, error: str | None = None) -> str:
+    if error:
+        return f"⚠️ {error}"
+    if image_set is None:
+        return ""
+    return image_set.summary().replace("\n- ", "\n\n- ")
+
+
+# ------------------------------------------------------------------------------------------------ the studio
+class Studio:
+    """The app's state and actions; every method a page event calls is wrapped by `user_errors`."""
+
+    def __init__(self, base: BaseModel, registry: JobRegistry):
+        self.base = base
+        self.registry = registry
+
+    # ---- sessions
+    def paths(self, session: str) -> SessionPaths:
+        return SessionPaths(self.registry.session_dir(check_session_id(session)))
+
+    @user_errors
+    def new_session(self) -> str:
+        """A fresh session id (what the page keeps in the browser; scripts pass it to every endpoint)."""
+        self.registry.cleanup()  # a cheap moment to forget sessions past their time-to-live
+        session = new_session_id()
+        self.registry.session_dir(session)
+        return session
+
+    def restore(self, stored: str | None) -> tuple:
+        """On page load: keep the browser's session (re-attaching to its jobs and files) or start one."""
+        try:
+            session = check_session_id(stored or "")
+        except ZipqError:
+            session = self.new_session()
+        paths = self.paths(session)
+        s = read_settings(paths)
+        subject = self._preview("subject", paths, s)
+        style = self._preview("style", paths, s)
+        return (session, session, *subject, *style, s.subject_token, s.class_noun, s.style_token, s.style_noun,
+                s.prompt, None)
+
+    def _preview(self, kind: str, paths: SessionPaths, s: Settings) -> tuple[list, str]:
+        """Gallery and notes for a session's stored images (empty when there are none)."""
+        folder = paths.images(kind)
+        if not folder.exists() or not any(folder.iterdir()):
+            return [], ""
+        try:
+            image_set = self._prepare(kind, folder, s)
+        except ZipqError as e:
+            return [], rejected_markdown(None, str(e))
+        return gallery_of(image_set), rejected_markdown(image_set)
+
+    # ---- data
+    def _data_config(self, kind: str, resolution: int | None = None) -> DataConfig:
+        low, high = LIMITS[kind]
+        return DataConfig(resolution=resolution or self.base.default_size, min_images=low, max_images=high)
+
+    def _caption(self, kind: str, s: Settings) -> str:
+        if kind == "subject":
+            return TrainConfig(kind="subject", token=s.subject_token, class_noun=s.class_noun).instance_prompt
+        return TrainConfig(kind="style", token=s.style_token, class_noun=s.style_noun).instance_prompt
+
+    def _prepare(self, kind: str, sources, s: Settings, resolution: int | None = None) -> ImageSet:
+        token = s.subject_token if kind == "subject" else s.style_token
+        return prepare_images(sources, self._caption(kind, s), self._data_config(kind, resolution), token=token)
+
+    def _store_images(self, kind: str, session: str, files: Sequence[str] | None, token: str, noun: str) -> tuple:
+        if not files:
+            raise ZipqError(f"Upload {LIMITS[kind][0]}–{LIMITS[kind][1]} {kind} images first (PNG, JPEG or WebP).")
+        files = [f if isinstance(f, str) else f.name for f in files]
+        paths = self.paths(session)
+        s = self._with_words(read_settings(paths), kind, token, noun)
+        folder = paths.images(kind)
+        copies = copy_uploads(files, folder)
+        try:
+            image_set = self._prepare(kind, copies, s)
+        except ZipqError:
+            shutil.rmtree(folder, ignore_errors=True)  # nothing half-usable is kept
+            raise
+        drop_rejected(folder, image_set)
+        write_settings(paths, s)
+        return gallery_of(image_set), rejected_markdown(image_set), self.suggest_nouns(kind, image_set), s.prompt
+
+    def _with_words(self, s: Settings, kind: str, token: str, noun: str) -> Settings:
+        token, noun = (token or "").strip(), (noun or "").strip()
+        TrainConfig(kind=kind, token=token)  # validates the token with the core's message
+        if kind == "subject":
+            return Settings(token, noun, s.style_token, s.style_noun, s.flow_jobs)
+        return Settings(s.subject_token, s.class_noun, token, noun, s.flow_jobs)
+
+    def suggest_nouns(self, kind: str, image_set: ImageSet | None = None):
+        """Class-noun suggestions; on mini the evaluator names what the subject images show."""
+        from zipq_core import world
+
+        choices = list(world.ALL_SUBJECTS) if self.base.is_mini else list(GENERAL_NOUNS)
+        if kind == "style":
+            choices = ["", "picture", "shape", "painting", "illustration"]
+        guess = None
+        if image_set is not None and kind == "subject" and self.base.is_mini:
+            guess = evaluator_guess([t.image for t in image_set.images])
+        if guess and guess in choices:
+            choices.remove(guess)
+            choices.insert(0, guess)
+        return gr.Dropdown(choices=choices, value=guess) if guess else gr.Dropdown(choices=choices)
+
+    @user_errors
+    def prepare_subject(self, session: str, files: list[str] | None, token: str, class_noun: str) -> tuple:
+        """Check and crop the subject uploads; show the training views and every skipped file's reason."""
+        return self._store_images("subject", session, files, token, class_noun)
+
+    @user_errors
+    def prepare_style(self, session: str, files: list[str] | None, token: str, noun: str) -> tuple:
+        """The same for the style uploads."""
+        return self._store_images("style", session, files, token, noun)
+
+    @user_errors
+    def remember_words(self, session: str, subject_token: str, class_noun: str, style_token: str,
+                       style_noun: str) -> str:
+        """Keep the tokens with the session and refill the prompt from them."""
+        paths = self.paths(session)
+        s = read_settings(paths)
+        s = self._with_words(self._with_words(s, "subject", subject_token, class_noun), "style", style_token,
+                             style_noun)
+        write_settings(paths, s)
+        return s.prompt
+
+    @user_errors
+    def load_examples(self, session: str, subject_name: str, style_name: str) -> tuple:
+        """Fill the Subject and Style tabs from `assets/examples` (tokens sks / zkz, class = folder name)."""
+        return self._load_examples(session, subject_name, style_name)
+
+    def _load_examples(self, session: str, subject_name: str, style_name: str) -> tuple:
+        subject_name = subject_name or DEFAULT_SUBJECT_EXAMPLE
+        style_name = style_name or DEFAULT_STYLE_EXAMPLE
+        if subject_name not in example_names("subject") or style_name not in example_names("style"):
+            raise ZipqError(f"Unknown example: choose a subject from {example_names('subject')} and a style "
+                            f"from {example_names('style')}.")
+        sub = self._store_images("subject", session, example_files("subjects", subject_name), SUBJECT_TOKEN,
+                                 subject_name)
+        sty = self._store_images("style", session, example_files("styles", style_name), STYLE_TOKEN, "")
+        return (sub[0], sub[1], SUBJECT_TOKEN, subject_name, sty[0], sty[1], STYLE_TOKEN, "", sty[3])
+
+    # ---- training
+    def _train_config(self, kind: str, s: Settings, method: str, quantize: str, rank: float, steps: float,
+                      lr: float, resolution: float, prior: bool, sample_every: float) -> TrainConfig:
+        if quantize != "none" and not qdora_available():
+            raise ZipqError("Training on a quantized base (QDoRA) is not available in this build yet: choose "
+                            "'none' for the base; the INT8 adapter option works.")
+        token, noun = (s.subject_token, s.class_noun) if kind == "subject" else (s.style_token, s.style_noun)
+        steps = int(steps)
+        return TrainConfig(kind=kind, token=token, class_noun=noun, method=method, rank=int(rank),
+                           learning_rate=float(lr), steps=steps, resolution=int(resolution),
+                           prior_preservation=bool(prior) and kind == "subject", quantize_base=quantize,
+                           sample_every=int(sample_every), checkpoint_every=max(10, steps // 4))
+
+    def _train_job(self, kind: str, cfg: TrainConfig, int8: bool, resume: bool, paths: SessionPaths,
+                   ctx: JobContext):
+        """The job body: prepare the stored images, run the core's trainer, optionally save an INT8 copy."""
+        out = paths.adapter(kind)
+        if not resume:
+            shutil.rmtree(out, ignore_errors=True)  # stale checkpoints would be picked up by a later resume
+        if paths.merged.exists():
+            shutil.rmtree(paths.merged, ignore_errors=True)
+            ctx.log("The merged adapter was removed: it no longer matches the retrained adapter.")
+        s = read_settings(paths)
+        images = self._prepare(kind, paths.images(kind), s, cfg.resolution)
+        yield from train_adapter(self.base, images, cfg, out, resume=resume, cancel=ctx.cancel,
+                                 info={"base": self.base.spec})
+        if int8 and (out / ADAPTER_FILE).exists():
+            from zipq_core.quantize import save_adapter_int8
+
+            ctx.artifact("int8", save_adapter_int8(load_adapter(out), out / "int8"))
+            ctx.log("Saved an INT8 copy of the adapter.")
+
+    def _submit_training(self, session: str, kinds: Sequence[str], settings: tuple, int8: bool,
+                         resume: bool) -> list[Job]:
+        paths = self.paths(session)
+        s = read_settings(paths)
+        cfgs = [self._train_config(kind, s, *settings) for kind in kinds]  # validate all before starting any
+        for kind in kinds:
+            if not paths.images(kind).exists():
+                raise ZipqError(f"No {kind} images yet: upload them in the {kind.title()} tab (or load the examples).")
+            if self._busy(session, f"train-{kind}"):
+                raise ZipqError(f"A {kind} training is already queued or running: wait for it or cancel it.")
+            if resume and latest_checkpoint(paths.adapter(kind)) is None:
+                raise ZipqError(f"Nothing to resume for the {kind}: no checkpoint yet. Start a training instead.")
+        return [self.registry.submit(session, f"train-{kind}",
+                                     functools.partial(self._train_job, kind, cfg, bool(int8), resume, paths),
+                                     label=f"train {kind}")
+                for kind, cfg in zip(kinds, cfgs)]
+
+    def _busy(self, session: str, kind: str) -> bool:
+        job = self.registry.latest(session, kind)
+        return job is not None and job.status not in FINISHED
+
+    @user_errors
+    def train(self, session: str, which: str, method: str, quantize: str, int8: bool, rank: float, steps: float,
+              lr: float, resolution: float, prior: bool, sample_every: float) -> str:
+        """Queue training of the subject, the style or both (one after the other); returns at once."""
+        kinds = ["subject", "style"] if which == "both" else [which]
+        jobs = self._submit_training(session, kinds, (method, quantize, rank, steps, lr, resolution, prior,
+                                                      sample_every), int8, resume=False)
+        return "Queued: " + ", ".join(f"{j.label} (job {j.id})" for j in jobs)
+
+    @user_errors
+    def resume(self, session: str, which: str, method: str, quantize: str, int8: bool, rank: float, steps: float,
+               lr: float, resolution: float, prior: bool, sample_every: float) -> str:
+        """Continue a cancelled (or extend a finished) training from its newest checkpoint."""
+        kinds = ["subject", "style"] if which == "both" else [which]
+        jobs = self._submit_training(session, kinds, (method, quantize, rank, steps, lr, resolution, prior,
+                                                      sample_every), int8, resume=True)
+        return "Resuming: " + ", ".join(f"{j.label} (job {j.id})" for j in jobs)
+
+    @user_errors
+    def cancel(self, session: str, what: str = "all") -> str:
+        """Cancel the session's unfinished jobs whose kind starts with `what` ('train', 'merge' or 'all')."""
+        check_session_id(session)
+        prefix = "" if what == "all" else what
+        jobs = [j for j in self.registry.jobs_for(session) if j.status not in FINISHED and j.kind.startswith(prefix)]
+        for job in jobs:
+            self.registry.cancel(job.id)
+        return f"Cancelling {len(jobs)} job(s); a running one stops after its current step." if jobs else \
+            "Nothing to cancel."
+
+    # ---- merging
+    def _merge_config(self, method: str, lam: float, steps: float, subject_weight: float, style_weight: float,
+                      density: float):
+        if not merge_methods():
+            raise ZipqError("Merging is not available in this build; Generate combines both adapters directly.")
+        from zipq_core.merge import MergeConfig
+
+        return MergeConfig(method=method, steps=int(steps), lam=float(lam), subject_weight=float(subject_weight),
+                           style_weight=float(style_weight), density=float(density))
+
+    def _merge_job(self, cfg, paths: SessionPaths, ctx: JobContext):
+        from zipq_core.merge import merge_adapters
+
+        shutil.rmtree(paths.merged, ignore_errors=True)
+        yield from merge_adapters(self.base, paths.adapter("subject"), paths.adapter("style"), cfg, paths.merged,
+                                  cancel=ctx.cancel)
+
+    def _submit_merge(self, session: str, cfg, after: Sequence[str] = ()) -> Job:
+        paths = self.paths(session)
+        if not after:
+            for kind in ("subject", "style"):
+                if self._busy(session, f"train-{kind}"):
+                    raise ZipqError(f"The {kind} adapter is still training: merge when it is done.")
+                if not paths.has_adapter(kind):
+                    raise ZipqError(f"No {kind} adapter yet: train it in the Train tab first.")
+            if cfg.method == "zipq" and not all(load_adapter(paths.adapter(k)).use_dora for k in ("subject", "style")):
+                raise ZipqError("ZipQDoRA merges two DoRA adapters; these are LoRA: choose ZipLoRA (zip) instead.")
+        if self._busy(session, "merge"):
+            raise ZipqError("A merge is already queued or running: wait for it or cancel it.")
+        return self.registry.submit(session, "merge", functools.partial(self._merge_job, cfg, paths),
+                                    label=f"merge ({MERGE_LABELS.get(cfg.method, cfg.method)})", after=after)
+
+    @user_errors
+    def merge(self, session: str, method: str, lam: float, steps: float, subject_weight: float,
+              style_weight: float, density: float) -> str:
+        """Queue a merge of the session's subject and style adapters; returns at once."""
+        job = self._submit_merge(session, self._merge_config(method, lam, steps, subject_weight, style_weight,
+                                                             density))
+        return f"Queued: {job.label} (job {job.id})"
+
+    # ---- generation
+    def _slider_adapters(self, paths: SessionPaths, subject_strength: float, style_strength: float) -> list:
+        """The merged adapter's parts at the two slider strengths, else the two adapters themselves."""
+        s_sub, s_sty = check_strength(float(subject_strength)), check_strength(float(style_strength))
+        if paths.has_adapter("merged") and merge_methods():
+            from zipq_core.merge import slider_adapters
+
+            return slider_adapters(paths.merged, s_sub, s_sty)
+        return [(load_adapter(paths.adapter(kind)), w) for kind, w in (("subject", s_sub), ("style", s_sty))
+                if paths.has_adapter(kind)]
+
+    def _gen_config(self, prompt: str, negative: str, seed: float, steps: float, guidance: float, width: float,
+                    height: float, num_images: float) -> GenerateConfig:
+        return GenerateConfig(prompt=prompt or "", negative_prompt=negative or "", seed=int(seed), steps=int(steps),
+                              guidance=float(guidance), width=int(width), height=int(height),
+                              num_images=int(num_images))
+
+    @user_errors
+    def generate(self, session: str, prompt: str, negative: str, seed: float, steps: float, guidance: float,
+                 width: float, height: float, num_images: float, subject_strength: float,
+                 style_strength: float) -> tuple[list, list[str], str]:
+        """Generate with the merged adapter (or both adapters) at the slider strengths; PNGs are kept."""
+        paths = self.paths(session)
+        cfg = self._gen_config(prompt, negative, seed, steps, guidance, width, height, num_images)
+        adapters = self._slider_adapters(paths, subject_strength, style_strength)
+        started = time.time()
+        images = render(self.base, cfg, adapters)
+        files = save_pngs(images, paths.outputs, f"gen-{cfg.seed}")
+        used = "merged adapter" if paths.has_adapter("merged") else f"{len(adapters)} adapter(s)"
+        note = (f"{len(images)} image(s) in {time.time() - started:.1f} s with the {used} at subject "
+                f"{float(subject_strength):g} / style {float(style_strength):g}.")
+        if self.registry.jobs_for(session) and any(j.status == "running" for j in self.registry.jobs_for(session)):
+            note += " (A job was running, so this waited for the model.)"
+        return [(f, f"seed {cfg.seed} · #{i + 1}") for i, f in enumerate(files)], files, note
+
+    @user_errors
+    def compare(self, session: str, prompt: str, seed: float, steps: float, num_images: float) -> tuple[list, Any]:
+        """Base, subject-only, style-only, direct and the merged adapter for one prompt and seed, with scores."""
+        paths = self.paths(session)
+        cfg = self._gen_config(prompt, "", seed, steps, 5.0, self.base.default_size, self.base.default_size,
+                               num_images)
+        variants = self._compare_variants(paths)
+        gallery, rows = [], []
+        refs = {kind: stored_views(paths, kind) for kind in ("subject", "style")}
+        for name, adapters in variants:
+            images = render(self.base, cfg, adapters)
+            files = save_pngs(images, paths.outputs, f"compare-{name.split()[0].lower()}-{cfg.seed}")
+            gallery += [(f, name) for f in files]
+            rows.append(score_row(name, images, refs, cfg.prompt) if self.base.is_mini else [name])
+        return gallery, scores_table(rows, self.base.is_mini)
+
+    def _compare_variants(self, paths: SessionPaths) -> list[tuple[str, list]]:
+        have = {k: paths.has_adapter(k) for k in ("subject", "style", "merged")}
+        if not (have["subject"] or have["style"]):
+            raise ZipqError("Train a subject and a style adapter first: there is nothing to compare yet.")
+        ad = {k: load_adapter(paths.adapter(k)) for k in ("subject", "style") if have[k]}
+        variants: list[tuple[str, list]] = [("base", [])]
+        variants += [(f"{k} only", [(ad[k], 1.0)]) for k in ("subject", "style") if k in ad]
+        if len(ad) == 2:
+            variants.append(("direct merge", [(ad["subject"], 1.0), (ad["style"], 1.0)]))
+        if have["merged"] and merge_methods():
+            from zipq_core.merge import slider_adapters
+
+            method = load_adapter(paths.merged).info.get("method", "merged")
+            if method != "direct":
+                variants.append((MERGE_LABELS.get(method, method), slider_adapters(paths.merged, 1.0, 1.0)))
+        return variants
+
+    # ---- the whole flow
+    @user_errors
+    def run_flow(self, session: str, subject_name: str, style_name: str, steps: float, merge_method: str,
+                 prompt: str, seed: float) -> tuple:
+        """Load the examples when a tab is empty, then queue: train subject → train style → merge → generate."""
+        paths = self.paths(session)
+        if any(j.status not in FINISHED for j in self.registry.jobs_for(session)):
+            raise ZipqError("This session already has jobs queued or running: wait for them, or cancel them.")
+        loaded = not (paths.images("subject").exists() and paths.images("style").exists())
+        filled = self._load_examples(session, subject_name, style_name) if loaded else \
+            tuple(gr.skip() for _ in EXAMPLE_TARGETS)
+        s = read_settings(paths)
+        prompt = s.prompt if loaded or not (prompt or "").strip() else prompt
+        steps = int(steps or FLOW_STEPS)
+        settings = ("dora", "none", 8, steps, 1e-3, self.base.default_size, False, max(1, steps // 3))
+        jobs = self._submit_training(session, ["subject", "style"], settings, int8=False, resume=False)
+        after = [j.id for j in jobs]
+        methods = merge_methods()
+        if methods:
+            method = merge_method if merge_method in methods else ("zipq" if "zipq" in methods else "direct")
+            jobs.append(self._submit_merge(session, self._merge_config(method, 0.01, 100, 1.0, 1.0, 0.5), after))
+            after = [jobs[-1].id]
+        size = self.base.default_size
+        cfg = self._gen_config(prompt, "", seed, 20, 5.0, size, size, 4)
+        jobs.append(self.registry.submit(session, "generate", functools.partial(self._flow_generate, cfg, paths),
+                                         label="generate", after=after))
+        write_settings(paths, Settings(**{**asdict(s), "flow_jobs": tuple(j.id for j in jobs)}))
+        status = "Queued the whole flow: " + " → ".join(j.label for j in jobs)
+        return (*filled[:-1], prompt, status)
+
+    def _flow_generate(self, cfg: GenerateConfig, paths: SessionPaths, ctx: JobContext):
+        adapters = self._slider_adapters(paths, 1.0, 1.0)
+        images = render(self.base, cfg, adapters)
+        for i, f in enumerate(save_pngs(images, paths.outputs, f"flow-{cfg.seed}")):
+            ctx.artifact(f"image{i}", f)
+        ctx.log(f"Generated {len(images)} image(s): '{cfg.prompt}'.")
+        return ()
+
+    # ---- polling
+    @user_errors
+    def job_status(self, session: str) -> dict:
+        """Every job of the session as JSON (status, step, loss, ETA, queue position, error, artifacts)."""
+        check_session_id(session)
+        return {"session": session, "jobs": [self.registry.snapshot(j.id) for j in self.registry.jobs_for(session)]}
+
+    def poll(self, session: str, seen: Any) -> tuple:
+        """The Train, Merge and flow panels; skipped entirely when nothing changed since the last tick."""
+        try:
+            paths = self.paths(session)
+        except ZipqError:
+            return tuple(gr.skip() for _ in range(POLL_OUTPUTS))
+        jobs = self.registry.jobs_for(session)
+        key = json.dumps([[j.id, j.version] for j in jobs] + [paths.has_adapter(k) for k in
+                                                                ("subject", "style", "merged")])
+        if key == seen:
+            return tuple(gr.skip() for _ in range(POLL_OUTPUTS))
+        return (*self._train_panel(session, paths), *self._merge_panel(session, paths),
+                *self._flow_panel(session, paths), key)
+
+    def _train_panel(self, session: str, paths: SessionPaths) -> tuple:
+        sub, sty = self.registry.latest(session, "train-subject"), self.registry.latest(session, "train-style")
+        lines = [job_line(sub, self._pos(sub), "Subject"), job_line(sty, self._pos(sty), "Style")]
+        logs = [f"- {line}" for job in (sub, sty) if job is not None for line in job.log[-4:]]
+        samples = [(job.sample, f"{name} preview, step {job.latest.step if job.latest else 0}")
+                   for name, job in (("subject", sub), ("style", sty)) if job is not None and job.sample is not None]
+        return ("\n\n".join(lines + logs), loss_frame({"subject": sub, "style": sty}), samples,
+                self._download(paths, "subject"), self._download(paths, "style"))
+
+    def _merge_panel(self, session: str, paths: SessionPaths) -> tuple:
+        job = self.registry.latest(session, "merge")
+        return (job_line(job, self._pos(job), "Merge"), loss_frame({"merge": job}), self._download(paths, "merged"))
+
+    def _flow_panel(self, session: str, paths: SessionPaths) -> tuple:
+        ids = read_settings(paths).flow_jobs
+        jobs = [self.registry.get(i) for i in ids if any(j.id == i for j in self.registry.jobs_for(session))]
+        if not jobs:
+            return "", []
+        lines = [job_line(j, self._pos(j), j.label[:1].upper() + j.label[1:]) for j in jobs]
+        last = jobs[-1]
+        images = [(str(p), "merged result") for k, p in sorted(last.artifacts.items()) if k.startswith("image")]
+        if last.status == "done":
+            lines.append(f"✅ Whole flow done in {fmt_seconds(last.finished - jobs[0].created)}.")
+        return "\n\n".join(lines), images
+
+    def _pos(self, job: Job | None) -> int:
+        return self.registry.position(job.id) if job is not None else 0
+
+    def _download(self, paths: SessionPaths, kind: str):
+        """A download button for an adapter file once it exists (disabled before)."""
+        folder = paths.merged if kind == "merged" else paths.adapter(kind)
+        if not paths.has_adapter(kind):
+            return gr.DownloadButton(value=None, interactive=False)
+        info = json.loads((folder / "adapter.json").read_text()) if (folder / "adapter.json").exists() else {}
+        name = f"zipq-{kind}-{info.get('token') or info.get('method') or 'adapter'}.safetensors"
+        return gr.DownloadButton(value=str(download_copy(folder / ADAPTER_FILE, paths.downloads / name)),
+                                 interactive=True)
+
+
+POLL_OUTPUTS = 11  # train: status, plot, samples, 2 downloads · merge: status, plot, download · flow: 2 · key
+
+
+# ------------------------------------------------------------------------------------ module-level helpers
+@gpu_task
+def render(base: BaseModel, cfg: GenerateConfig, adapters: list) -> list:
+    """The GPU work of a request (decorated for ZeroGPU): one core `generate` call."""
+    return generate(base, cfg, adapters)
+
+
+def save_pngs(images: Sequence, folder: Path, stem: str) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%H%M%S")
+    paths = []
+    for i, image in enumerate(images):
+        path = folder / f"{stem}-{stamp}-{i}.png"
+        image.save(path)
+        paths.append(str(path))
+    return paths
+
+
+def gallery_of(image_set: ImageSet) -> list[tuple]:
+    return [(t.image, t.name) for t in image_set.images]
+
+
+def example_files(group: str, name: str) -> list[str]:
+    return [str(p) for p in sorted((EXAMPLES / group / name).glob("*.png"))]
+
+
+def stored_views(paths: SessionPaths, kind: str) -> list | None:
+    """The cropped training views kept beside an adapter (the evaluator's references), if any."""
+    from zipq_core.train import load_training_views
+
+    views = load_training_views(paths.adapter(kind)) if paths.has_adapter(kind) else None
+    return views[0] if views else None
+
+
+def evaluator_guess(images: list) -> str | None:
+    """The subject class the offline evaluator sees most often in the images (mini only), or None."""
+    try:
+        from zipq_core.evaluate import summarize_predictions
+
+        counts = summarize_predictions(images)["subject"]
+    except (ZipqError, OSError, KeyError):
+        return None
+    return next(iter(counts), None)
+
+
+def score_row(name: str, images: list, refs: dict, prompt: str) -> list:
+    """One Compare-table row from the offline evaluator: subject/style probability and similarity, prompt."""
+    from zipq_core.evaluate import evaluate_images
+
+    r = evaluate_images(images, subject_ref=refs["subject"], style_ref=refs["style"], prompt=prompt)
+    sub, sty, pr = r.get("subject", {}), r.get("style", {}), r.get("prompt", {})
+    return [name, round(sub.get("prob", float("nan")), 3), round(sub.get("cosine", float("nan")), 3),
+            round(sty.get("prob", float("nan")), 3), round(sty.get("cosine", float("nan")), 3),
+            None if pr.get("acc") is None else round(pr["acc"], 3)]
+
+
+def scores_table(rows: list[list], scored: bool):
+    import pandas as pd
+
+    if not scored:
+        return pd.DataFrame({"variant": [r[0] for r in rows]})
+    return pd.DataFrame(rows, columns=["variant", "subject prob", "subject sim", "style prob", "style sim",
+                                       "prompt acc"])
+
+
+def header_markdown(base: BaseModel) -> str:
+    return (f"# ZipQDoRA Studio\nAny subject in any style: upload a subject and a style, train two adapters, merge "
+            f"them with ZipQDoRA, generate with a strength slider for each.\n\n**Base model:** `{base.describe()}`"
+            f" · **device:** `{base.device}`")
+
+
+# ---------------------------------------------------------------------------------------------------- layout
+@dataclass
+class UI:
+    """The components that events read and write (built by `build_ui`, wired by `wire`)."""
+
+    c: dict[str, Any]
+
+    def __getitem__(self, name: str):
+        return self.c[name]
+
+    def __call__(self, *names: str) -> list:
+        return [self.c[n] for n in names]
+
+
+def _images_tab(c: dict, kind: str, base: BaseModel) -> None:
+    low, high = LIMITS[kind]
+    what = "subject (a thing: the same object, pet, character)" if kind == "subject" else \
+        "style (the look you want: a painting, a texture, an illustration style)"
+    gr.Markdown(f"Upload **{low}–{high}** images of the {what}. Each is checked, turned upright, converted to RGB and "
+                f"centre-cropped to a square of {base.default_size} px; files that cannot be used are listed with "
+                "the reason.")
+    with gr.Row():
+        with gr.Column(scale=1):
+            c[f"{kind}_files"] = gr.File(label=f"{kind.title()} images", file_count="multiple",
+                                         file_types=["image", ".txt"])
+            c[f"{kind}_token"] = gr.Dropdown(TOKEN_SUGGESTIONS[kind], value=TOKEN_SUGGESTIONS[kind][0],
+                                             allow_custom_value=True, label="Token",
+                                             info="A rare word that will name the new concept in prompts.")
+            nouns = ["", "picture", "shape", "painting"] if kind == "style" else \
+                (["heart", "moon", "arrow", "bolt"] if base.is_mini else GENERAL_NOUNS)
+            c[f"{kind}_noun"] = gr.Dropdown(nouns, value=nouns[0] if kind == "style" else None,
+                                            allow_custom_value=True,
+                                            label="Class noun" if kind == "subject" else "What the images show",
+                                            info="What the subject is (dog, mug)." if kind == "subject" else
+                                            "Optional: the kind of thing pictured in the style images.")
+            c[f"{kind}_use"] = gr.Button(f"Use these {kind} images", variant="primary")
+        with gr.Column(scale=2):
+            c[f"{kind}_gallery"] = gr.Gallery(label="Training views (cropped)", columns=5, height=260,
+                                              format="png", object_fit="contain")
+            c[f"{kind}_notes"] = gr.Markdown()
+
+
+def _train_tab(c: dict, base: BaseModel) -> None:
+    with gr.Row():
+        c["train_which"] = gr.Radio(["subject", "style", "both"], value="both", label="Train")
+        c["method"] = gr.Radio([("DoRA", "dora"), ("LoRA", "lora")], value="dora", label="Adapter")
+        c["quantize"] = gr.Radio([("none", "none"), ("8-bit", "int8"), ("4-bit NF4", "nf4")], value="none",
+                                 label="QDoRA: quantized frozen base")
+        c["int8"] = gr.Checkbox(label="Also save an INT8 adapter", value=False)
+    with gr.Row():
+        c["rank"] = gr.Slider(1, 64, value=8, step=1, label="Rank")
+        c["steps"] = gr.Number(FLOW_STEPS, precision=0, minimum=1, maximum=100000, label="Steps")
+        c["lr"] = gr.Number(1e-3, label="Learning rate")
+        c["resolution"] = gr.Number(base.default_size, precision=0, minimum=64, maximum=2048, step=8,
+                                    label="Resolution (px)")
+        c["sample_every"] = gr.Number(50, precision=0, minimum=0, label="Preview every N steps (0: never)")
+        c["prior"] = gr.Checkbox(label="Prior preservation (subject)", value=False)
+    with gr.Row():
+        c["train_btn"] = gr.Button("Train", variant="primary")
+        c["resume_btn"] = gr.Button("Resume from checkpoint")
+        c["train_cancel"] = gr.Button("Cancel", variant="stop")
+    c["train_msg"] = gr.Markdown()
+    with gr.Row():
+        with gr.Column(scale=2):
+            c["train_status"] = gr.Markdown("No training yet.")
+            c["train_plot"] = gr.LinePlot(x="step", y="loss", color="series", label="Training loss", height=260)
+        with gr.Column(scale=1):
+            c["train_samples"] = gr.Gallery(label="Previews", columns=2, height=260, format="png")
+            c["subject_dl"] = gr.DownloadButton("Download subject adapter", interactive=False)
+            c["style_dl"] = gr.DownloadButton("Download style adapter", interactive=False)
+
+
+def _merge_tab(c: dict) -> None:
+    methods = merge_methods()
+    if not methods:
+        gr.Markdown("Merging is not in this build yet: Generate combines the two adapters directly.")
+    choices = [(MERGE_LABELS.get(m, m), m) for m in methods] or [("direct (weighted sum)", "direct")]
+    with gr.Row():
+        c["merge_method"] = gr.Dropdown(choices, value="zipq" if "zipq" in methods else choices[0][1],
+                                        label="Method", info="ZipQDoRA / ZipLoRA learn per-column mergers; "
+                                                             "the others are training-free.")
+        c["lam"] = gr.Number(0.01, label="λ (merger similarity penalty)")
+        c["merge_steps"] = gr.Number(100, precision=0, minimum=1, maximum=1000, label="Steps")
+    with gr.Row():
+        c["merge_subject_w"] = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Subject weight (direct/TIES/DARE)")
+        c["merge_style_w"] = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Style weight (direct/TIES/DARE)")
+        c["density"] = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Density (TIES/DARE)")
+    with gr.Row():
+        c["merge_btn"] = gr.Button("Merge", variant="primary", interactive=bool(methods))
+        c["merge_cancel"] = gr.Button("Cancel", variant="stop")
+        c["merged_dl"] = gr.DownloadButton("Download merged adapter", interactive=False)
+    c["merge_msg"] = gr.Markdown()
+    c["merge_status"] = gr.Markdown("No merge yet.")
+    c["merge_plot"] = gr.LinePlot(x="step", y="loss", color="series", label="Merge loss", height=220)
+
+
+def _generate_tab(c: dict, base: BaseModel) -> None:
+    size = base.default_size
+    with gr.Row():
+        with gr.Column(scale=1):
+            c["prompt"] = gr.Textbox(Settings().prompt, label="Prompt", lines=2)
+            c["negative"] = gr.Textbox("", label="Negative prompt")
+            with gr.Row():
+                c["subject_strength"] = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Subject strength")
+                c["style_strength"] = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Style strength")
+            with gr.Row():
+                c["seed"] = gr.Number(0, precision=0, minimum=0, label="Seed", scale=3)
+                c["dice"] = gr.Button("🎲 Random seed", scale=1)
+            with gr.Row():
+                c["gen_steps"] = gr.Slider(1, 100, value=20, step=1, label="Steps")
+                c["guidance"] = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance")
+            with gr.Row():
+                c["width"] = gr.Slider(64, 2048, value=size, step=8, label="Width")
+                c["height"] = gr.Slider(64, 2048, value=size, step=8, label="Height")
+                c["num_images"] = gr.Slider(1, 8, value=4, step=1, label="Images")
+            c["gen_btn"] = gr.Button("Generate", variant="primary")
+        with gr.Column(scale=1):
+            c["gen_gallery"] = gr.Gallery(label="Images (PNG)", columns=4, height=360, format="png",
+                                          object_fit="contain")
+            c["gen_note"] = gr.Markdown()
+            c["gen_files"] = gr.File(label="Download PNGs", file_count="multiple", interactive=False)
+
+
+def _compare_tab(c: dict, base: BaseModel) -> None:
+    gr.Markdown("One prompt and seed through the base model, each adapter alone, the direct merge and the learned "
+                "merge." + (" Scores come from the offline evaluator (probability of the training subject/style and "
+                            "feature similarity to the training images)." if base.is_mini else ""))
+    with gr.Row():
+        c["cmp_prompt"] = gr.Textbox(Settings().prompt, label="Prompt", scale=3)
+        c["cmp_seed"] = gr.Number(0, precision=0, minimum=0, label="Seed", scale=1)
+        c["cmp_steps"] = gr.Slider(1, 100, value=20, step=1, label="Steps", scale=1)
+        c["cmp_n"] = gr.Slider(1, 4, value=2, step=1, label="Images per variant", scale=1)
+    c["cmp_btn"] = gr.Button("Compare", variant="primary")
+    c["cmp_gallery"] = gr.Gallery(label="Variants", columns=6, height=300, format="png", object_fit="contain")
+    c["cmp_scores"] = gr.Dataframe(label="Evaluator scores" if base.is_mini else "Variants", interactive=False)
+
+
+def build_ui(base: BaseModel) -> tuple[gr.Blocks, UI]:
+    """The page: a header with the base model, one-click examples and flow, then the tabs of the flow."""
+    c: dict[str, Any] = {}
+    with gr.Blocks(title="ZipQDoRA Studio") as demo:
+        c["browser"] = gr.BrowserState(None, storage_key="zipq_session")
+        c["session"] = gr.Textbox(visible=False, label="session")
+        c["seen"] = gr.State(None)
+        gr.Markdown(header_markdown(base))
+        with gr.Row(equal_height=True):
+            c["ex_subject"] = gr.Dropdown(example_names("subject"), value=DEFAULT_SUBJECT_EXAMPLE,
+                                          label="Example subject", scale=1)
+            c["ex_style"] = gr.Dropdown(example_names("style"), value=DEFAULT_STYLE_EXAMPLE, label="Example style",
+                                        scale=1)
+            c["ex_btn"] = gr.Button("Load examples", scale=1)
+            c["flow_btn"] = gr.Button("▶ Run whole flow", variant="primary", scale=1)
+            c["flow_cancel"] = gr.Button("Cancel all", variant="stop", scale=1)
+        with gr.Row():
+            c["flow_status"] = gr.Markdown()
+            c["flow_gallery"] = gr.Gallery(label="Result", columns=4, height=160, format="png", object_fit="contain")
+        with gr.Tabs():
+            with gr.Tab("Subject", id="subject"):
+                _images_tab(c, "subject", base)
+            with gr.Tab("Style", id="style"):
+                _images_tab(c, "style", base)
+            with gr.Tab("Train", id="train"):
+                _train_tab(c, base)
+            with gr.Tab("Merge", id="merge"):
+                _merge_tab(c)
+            with gr.Tab("Generate", id="generate"):
+                _generate_tab(c, base)
+            with gr.Tab("Compare", id="compare"):
+                _compare_tab(c, base)
+        c["timer"] = gr.Timer(POLL_SECONDS)
+    return demo, UI(c)
+
+
+TRAIN_INPUTS = ("session", "train_which", "method", "quantize", "int8", "rank", "steps", "lr", "resolution",
+                "prior", "sample_every")
+GEN_INPUTS = ("session", "prompt", "negative", "seed", "gen_steps", "guidance", "width", "height", "num_images",
+              "subject_strength", "style_strength")
+POLL_TARGETS = ("train_status", "train_plot", "train_samples", "subject_dl", "style_dl", "merge_status",
+                "merge_plot", "merged_dl", "flow_status", "flow_gallery", "seen")
+EXAMPLE_TARGETS = ("subject_gallery", "subject_notes", "subject_token", "subject_noun", "style_gallery",
+                   "style_notes", "style_token", "style_noun", "prompt")
+
+
+def wire(demo: gr.Blocks, ui: UI, studio: Studio) -> None:
+    """Connect events; the named ones (api_name) are the scripting API."""
+    with demo:
+        demo.load(studio.restore, ui("browser"), ui("session", "browser", "subject_gallery", "subject_notes",
+                                                     "style_gallery", "style_notes", "subject_token", "subject_noun",
+                                                     "style_token", "style_noun", "prompt", "seen"),
+                  api_visibility="private")
+        gr.api(studio.new_session, api_name="new_session")
+        ui["timer"].tick(studio.poll, ui("session", "seen"), ui(*POLL_TARGETS), show_progress="hidden",
+                         api_visibility="private", queue=False)
+        for kind in ("subject", "style"):
+            ui[f"{kind}_use"].click(
+                getattr(studio, f"prepare_{kind}"), ui("session", f"{kind}_files", f"{kind}_token", f"{kind}_noun"),
+                ui(f"{kind}_gallery", f"{kind}_notes", f"{kind}_noun", "prompt"), api_name=f"prepare_{kind}")
+        words = ui("session", "subject_token", "subject_noun", "style_token", "style_noun")
+        for name in ("subject_token", "subject_noun", "style_token", "style_noun"):
+            ui[name].input(studio.remember_words, words, ui("prompt"), api_visibility="private",
+                           show_progress="hidden")
+        ui["ex_btn"].click(studio.load_examples, ui("session", "ex_subject", "ex_style"), ui(*EXAMPLE_TARGETS),
+                           api_name="load_examples")
+        ui["flow_btn"].click(studio.run_flow, ui("session", "ex_subject", "ex_style", "steps", "merge_method",
+                                                 "prompt", "seed"),
+                             ui(*EXAMPLE_TARGETS, "flow_status"), api_name="run_flow")
+        ui["flow_cancel"].click(lambda s: studio.cancel(s, "all"), ui("session"), ui("flow_status"),
+                                api_visibility="private")
+        ui["train_btn"].click(studio.train, ui(*TRAIN_INPUTS), ui("train_msg"), api_name="train")
+        ui["resume_btn"].click(studio.resume, ui(*TRAIN_INPUTS), ui("train_msg"), api_name="resume")
+        ui["train_cancel"].click(lambda s: studio.cancel(s, "train"), ui("session"), ui("train_msg"),
+                                 api_visibility="private")
+        gr.api(studio.cancel, api_name="cancel")
+        ui["merge_btn"].click(studio.merge, ui("session", "merge_method", "lam", "merge_steps", "merge_subject_w",
+                                               "merge_style_w", "density"), ui("merge_msg"), api_name="merge")
+        ui["merge_cancel"].click(lambda s: studio.cancel(s, "merge"), ui("session"), ui("merge_msg"),
+                                 api_visibility="private")
+        ui["dice"].click(lambda: random.randrange(2**31), None, ui("seed"), api_visibility="private",
+                         show_progress="hidden")
+        ui["gen_btn"].click(studio.generate, ui(*GEN_INPUTS), ui("gen_gallery", "gen_files", "gen_note"),
+                            api_name="generate", concurrency_id="gpu", concurrency_limit=1)
+        ui["cmp_btn"].click(studio.compare, ui("session", "cmp_prompt", "cmp_seed", "cmp_steps", "cmp_n"),
+                            ui("cmp_gallery", "cmp_scores"), api_name="compare", concurrency_id="gpu",
+                            concurrency_limit=1)
+        gr.api(studio.job_status, api_name="job_status")
+
+
+def create_app(base_spec: str = "mini", work_dir: str | Path = DEFAULT_WORK_DIR, device: str | None = None,
+               ttl_hours: float = 24.0) -> tuple[gr.Blocks, Studio]:
+    """Load the base model and build the app (nothing is loaded at import time).
+
+    Args:
+        base_spec: "mini", a hub id, a diffusers folder or a .safetensors file.
+        work_dir: where the per-session folders live.
+        device: "cpu", "cuda"; None picks CUDA when present.
+        ttl_hours: sessions unused for longer are removed.
+
+    Returns:
+        (the Blocks app, the Studio behind it).
+    """
+    base = load_base(base_spec, device)
+    registry = JobRegistry(root=Path(work_dir).resolve(), max_concurrent=1, ttl_s=ttl_hours * 3600)
+    registry.cleanup()
+    studio = Studio(base, registry)
+    demo, ui = build_ui(base)
+    wire(demo, ui, studio)
+    demo.queue(default_concurrency_limit=4)
+    return demo, studio
+
+
+def launch_kwargs(studio: Studio, **overrides) -> dict:
+    """What `launch()` needs besides host/port: the theme, upload limit and the session folders to serve."""
+    return {"theme": gr.themes.Soft(), "max_file_size": MAX_FILE_SIZE, "allowed_paths": [str(studio.registry.root)],
+            "show_error": True, **overrides}
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="ZipQDoRA Studio: train, merge and generate in the browser.")
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME") or
+                   ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"), help="interface to listen on")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    p.add_argument("--share", action="store_true", help="a public gradio.live link (needs internet access)")
+    p.add_argument("--auth", default=None, help="user:password required to open the page")
+    p.add_argument("--base", default="mini", help="mini (bundled), a hub id, a diffusers folder or a .safetensors")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when present)")
+    p.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR), help="per-session folders live here")
+    p.add_argument("--ttl-hours", type=float, default=24.0, help="remove sessions unused for this long")
+    return p.parse_args(argv)
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ZipqError("--auth must look like user:password.")
+    return user, password
+
+
+def check_share_possible(timeout: float = 3.0) -> None:
+    """`--share` needs gradio's tunnel binary (downloaded on first use) and its server: fail fast when offline."""
+    from gradio import tunneling
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise ZipqError("--share needs internet access (HF_HUB_OFFLINE=1 is set): share the page another way, "
+                        "e.g. --host 0.0.0.0 on your network, or run without --share.")
+    hosts = [("api.gradio.app", 443)] + ([] if Path(tunneling.BINARY_PATH).exists() else
+                                         [("cdn-media.huggingface.co", 443)])
+    for host, port in hosts:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as e:
+            raise ZipqError(f"--share needs internet access, but {host} cannot be reached ({e}). Gradio must "
+                            "download its tunnel program and reach its share server; run without --share, or use "
+                            "--host 0.0.0.0 to serve your local network.") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        auth = parse_auth(args.auth)
+        if args.share:
+            check_share_possible()
+        demo, studio = create_app(args.base, args.work_dir, args.device, args.ttl_hours)
+    except ZipqError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                **launch_kwargs(studio))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
