@@ -157,7 +157,7 @@ def vae_loss(vae, ev, x: torch.Tensor, gen: torch.Generator, cfg: RecipeConfig) 
     feat = perceptual(ev, x_hat, x)
     kl = post.kl().mean()
     loss = l1 + l2 + cfg.feat_weight * feat + cfg.kl_weight * kl
-    return loss, {"l1": float(l1), "feat": float(feat), "kl": float(kl)}
+    return loss, {"l1": float(l1.detach()), "feat": float(feat.detach()), "kl": float(kl.detach())}
 
 
 def load_ev(cfg: RecipeConfig) -> evaluate.Evaluator | None:

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def recipe():
     spec = importlib.util.spec_from_file_location("train_mini", ROOT / "scripts" / "train_mini.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["train_mini"] = mod  # dataclasses look their module up while the file executes
     spec.loader.exec_module(mod)
     return mod
 
