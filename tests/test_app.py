@@ -1,0 +1,178 @@
+"""The app through `gradio_client` against a server launched in-process on mini.
+
+The whole flow (examples → train subject and style → merge → generate), cancel, a bad upload's message
+and two isolated sessions. Steps are few so the file runs in about a minute on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+FINISHED = ("done", "failed", "cancelled")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from app import create_app, launch_kwargs
+
+    demo, studio = create_app("mini", work_dir=tmp_path_factory.mktemp("sessions"))
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
+                **launch_kwargs(studio))
+    yield f"http://127.0.0.1:{port}/", studio
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server[0], verbose=False)
+
+
+def wait_jobs(client, session: str, timeout: float = 120.0) -> list[dict]:
+    """Poll the job-status endpoint until every job of the session has finished."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        jobs = client.predict(session, api_name="/job_status")["jobs"]
+        if jobs and all(j["status"] in FINISHED for j in jobs):
+            return jobs
+        time.sleep(0.5)
+    raise AssertionError(f"jobs did not finish in {timeout} s: {jobs}")
+
+
+def error_text(excinfo) -> str:
+    return str(excinfo.value)
+
+
+def test_api_lists_the_main_actions(client):
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/new_session", "/load_examples", "/prepare_subject", "/prepare_style", "/train", "/resume", "/cancel",
+            "/merge", "/generate", "/compare", "/run_flow", "/job_status"} <= names
+
+
+def test_whole_flow_examples_train_merge_generate(client, server):
+    session = client.predict(api_name="/new_session")
+    filled = client.predict(session, "heart", "zigzag", api_name="/load_examples")
+    subject_gallery, subject_notes, token, noun, style_gallery, _, style_token, _, prompt = filled
+    assert len(subject_gallery) == 5 and len(style_gallery) == 3 and "5 images ready" in subject_notes
+    assert (token, noun, style_token) == ("sks", "heart", "zkz")
+    assert prompt == "a photo of sks heart in zkz style"
+
+    msg = client.predict(session, "both", "dora", "none", False, 4, 12, 1e-3, 64, False, 6, api_name="/train")
+    assert "train subject" in msg and "train style" in msg
+    jobs = wait_jobs(client, session)
+    assert [(j["kind"], j["status"], j["step"]) for j in jobs] == [("train-subject", "done", 12),
+                                                                    ("train-style", "done", 12)]
+    assert jobs[0]["losses"] and jobs[0]["artifacts"]["adapter"]
+
+    msg = client.predict(session, "zipq", 0.01, 5, 1.0, 1.0, 0.5, api_name="/merge")
+    assert "ZipQDoRA" in msg
+    merge = wait_jobs(client, session)[-1]
+    assert (merge["kind"], merge["status"]) == ("merge", "done"), merge
+
+    gallery, files, note = client.predict(session, prompt, "", 3, 10, 5.0, 64, 64, 2, 1.0, 0.7,
+                                          api_name="/generate")
+    assert len(gallery) == 2 and len(files) == 2 and "merged adapter" in note
+    assert all(Path(f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
+
+    # The download buttons now point at the three adapter files (what the Train and Merge tabs show).
+    studio = server[1]
+    panel = studio.poll(session, None)
+    names = [str(b.value) for b in (panel[3], panel[4], panel[7]) if b.interactive]
+    assert [n for n in names if ".safetensors" in n] == names and len(names) == 3
+    assert "zipq-subject-sks.safetensors" in names[0] and "zipq-style-zkz.safetensors" in names[1]
+
+
+def test_run_whole_flow_button(client):
+    session = client.predict(api_name="/new_session")
+    out = client.predict(session, "moon", "grid", 8, "direct", "", 1, api_name="/run_flow")
+    assert out[2:4] == ("sks", "moon") and out[8] == "a photo of sks moon in zkz style"
+    assert "train subject → train style → merge" in out[-1]
+    jobs = wait_jobs(client, session)
+    assert [j["status"] for j in jobs] == ["done"] * 4, jobs
+    images = [p for k, p in jobs[-1]["artifacts"].items() if k.startswith("image")]
+    assert len(images) == 4 and all(Path(p).exists() for p in images)
+
+
+def test_cancel_stops_a_training_and_keeps_it_resumable(client):
+    session = client.predict(api_name="/new_session")
+    client.predict(session, "heart", "zigzag", api_name="/load_examples")
+    client.predict(session, "subject", "dora", "none", False, 4, 5000, 1e-3, 64, False, 0, api_name="/train")
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        job = client.predict(session, api_name="/job_status")["jobs"][-1]
+        if job["status"] == "running" and job["step"] >= 2:
+            break
+        time.sleep(0.2)
+    assert "Cancelling 1 job" in client.predict(session, "train", api_name="/cancel")
+    job = wait_jobs(client, session, timeout=30)[-1]
+    assert job["status"] == "cancelled" and 2 <= job["step"] < 5000
+    assert job["artifacts"]["adapter"]  # the adapter so far was saved
+    msg = client.predict(session, "subject", "dora", "none", False, 4, 5000, 1e-3, 64, False, 0, api_name="/resume")
+    assert msg.startswith("Resuming")
+    client.predict(session, "all", api_name="/cancel")
+    wait_jobs(client, session, timeout=30)
+
+
+def test_bad_upload_shows_reasons_without_traceback(client, tmp_path):
+    from gradio_client import handle_file
+    from PIL import Image
+
+    session = client.predict(api_name="/new_session")
+    (tmp_path / "notes.png").write_text("this is not an image")
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "tiny.png")
+    Image.new("RGB", (96, 80), "blue").save(tmp_path / "ok.png")
+    files = [handle_file(str(tmp_path / n)) for n in ("notes.png", "tiny.png", "ok.png")]
+    with pytest.raises(Exception) as excinfo:
+        client.predict(session, files, "sks", "heart", api_name="/prepare_subject")
+    text = error_text(excinfo)
+    assert "Only 1 usable image" in text and "notes.png" in text and "tiny.png" in text
+    assert "Traceback" not in text and "File \"" not in text
+    # A bad token and a bad session id are messages too.
+    with pytest.raises(Exception) as excinfo:
+        client.predict(session, [handle_file(str(tmp_path / "ok.png"))], "two words", "", api_name="/prepare_style")
+    assert "one word" in error_text(excinfo) and "Traceback" not in error_text(excinfo)
+    with pytest.raises(Exception) as excinfo:
+        client.predict("../../etc", api_name="/job_status")
+    assert "reload the page" in error_text(excinfo)
+
+
+def test_two_sessions_are_isolated(client, server):
+    studio = server[1]
+    a = client.predict(api_name="/new_session")
+    b = client.predict(api_name="/new_session")
+    assert a != b
+    client.predict(a, "bolt", "hatching", api_name="/load_examples")
+    client.predict(a, "subject", "lora", "none", False, 4, 4, 1e-3, 64, False, 0, api_name="/train")
+    wait_jobs(client, a)
+    assert client.predict(b, api_name="/job_status")["jobs"] == []
+    assert not (studio.registry.root / b / "subject").exists()
+    with pytest.raises(Exception) as excinfo:  # b has no adapters of its own; a's are invisible to it
+        client.predict(b, "a photo of sks bolt", 0, 5, 1, api_name="/compare")
+    assert "nothing to compare" in error_text(excinfo)
+    # A page reload keeps the browser's session: restore() re-attaches to a's files and tokens.
+    restored = studio.restore(a)
+    assert restored[0] == a and len(restored[2]) == 5 and restored[7] == "bolt"
+
+
+def test_share_fails_fast_offline(monkeypatch, capsys):
+    import app
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.time()
+    assert app.main(["--share"]) == 2
+    assert time.time() - started < 5
+    assert "--share needs internet access" in capsys.readouterr().err
