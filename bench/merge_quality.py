@@ -1,0 +1,172 @@
+"""Merge-quality benchmark on mini: every merge method against subject-only and style-only adapters.
+
+For each held-out subject × held-out style pair and seed: train subject and style DoRA (and LoRA for
+ZipLoRA) with the core's train function, merge with every method, generate "<subject prompt> in <style
+token> style" images and score them with the offline evaluator. Prints and writes JSON:
+
+    methods.<name>.{subject_fidelity, style_fidelity, prompt_adherence, merge_seconds, adapter_bytes, …}
+    int8_size_ratio, settings, per_run
+
+Usage: python bench/merge_quality.py [--pairs 4] [--seeds 3] [--steps 300] [--out FILE] [--markdown FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from zipq_core import GenerateConfig, TrainConfig, generate, load_adapter, load_base, train_adapter  # noqa: E402
+from zipq_core.adapters import save_adapter  # noqa: E402
+from zipq_core.data import ImageSet, TrainingImage, prepare_images, DataConfig  # noqa: E402
+from zipq_core.evaluate import load_evaluator, prompt_adherence, style_fidelity, subject_fidelity  # noqa: E402
+from zipq_core.merge import MergeConfig, merge_adapters, slider_adapters  # noqa: E402
+from zipq_core.quantize import save_adapter_int8  # noqa: E402
+
+EXAMPLES = ROOT / "assets" / "examples"
+PAIRS = [("heart", "hatching"), ("moon", "grid"), ("arrow", "zigzag"), ("bolt", "bullseye"),
+         ("heart", "zigzag"), ("moon", "bullseye"), ("arrow", "grid"), ("bolt", "hatching")]
+METHODS = ["subject_only", "style_only", "direct", "zip", "zipq", "zipq_int8", "ties", "dare", "blora"]
+
+
+def style_images(style: str, token: str) -> ImageSet:
+    """The style examples captioned with what each pictures ("an orange star in zkz style")."""
+    folder = EXAMPLES / "styles" / style
+    scenes = json.loads((folder / "scenes.json").read_text())
+    prepared = prepare_images(folder, f"a picture in {token} style", DataConfig(), token=token)
+    by_name = {f"{i}.png": s for i, s in enumerate(scenes)}
+    images = [TrainingImage(t.name, t.image, f"a {by_name[t.name]['colour']} {by_name[t.name]['subject']} in "
+                            f"{token} style") for t in prepared.images]
+    return ImageSet(images=images, rejected=prepared.rejected)
+
+
+def train(base, kind: str, name: str, method: str, steps: int, seed: int, lr: float, out: Path) -> Path:
+    token = "sks" if kind == "subject" else "zkz"
+    cfg = TrainConfig(kind=kind, token=token, class_noun=name if kind == "subject" else "picture", method=method,
+                      steps=steps, seed=seed, learning_rate=lr)
+    if kind == "subject":
+        images = prepare_images(EXAMPLES / "subjects" / name, cfg.instance_prompt, DataConfig(), token=token)
+    else:
+        images = style_images(name, token)
+    for _ in train_adapter(base, images, cfg, out):
+        pass
+    return out
+
+
+def score(images, subject: str, style: str, evaluator) -> dict:
+    subj = subject_fidelity(images, subject=subject, refs=_refs("subjects", subject), evaluator=evaluator)
+    sty = style_fidelity(images, style=style, refs=_refs("styles", style), evaluator=evaluator)
+    adherence = prompt_adherence(images, f"a {subject} in {style} style", evaluator)
+    return {"subject_fidelity": subj["prob"], "subject_acc": subj["acc"], "subject_cosine": subj["cosine"],
+            "style_fidelity": sty["prob"], "style_acc": sty["acc"], "style_cosine": sty["cosine"],
+            "prompt_adherence": adherence["acc"]}
+
+
+def _refs(kind: str, name: str):
+    from zipq_core.evaluate import load_images
+
+    return load_images(EXAMPLES / kind / name)
+
+
+def run_pair(base, evaluator, subject: str, style: str, seed: int, args, work: Path) -> dict:
+    dirs = {f"{kind}_{m}": train(base, kind, name, m, args.steps, seed, args.lr, work / f"{kind}_{m}")
+            for kind, name in (("subject", subject), ("style", style)) for m in ("dora", "lora")}
+    for kind in ("subject", "style"):
+        save_adapter_int8(load_adapter(dirs[f"{kind}_dora"]), work / f"{kind}_int8")
+    prompt = f"a photo of sks {subject} in zkz style"
+    results = {}
+    for method in METHODS:
+        started = time.time()
+        if method in ("subject_only", "style_only"):
+            kind = method.split("_")[0]
+            adapters = [(load_adapter(dirs[f"{kind}_dora"]), 1.0)]
+            seconds, size = 0.0, (dirs[f"{kind}_dora"] / "pytorch_lora_weights.safetensors").stat().st_size
+        else:
+            name = "zipq" if method == "zipq_int8" else method
+            kind = "lora" if method == "zip" else ("int8" if method == "zipq_int8" else "dora")
+            if kind == "int8":  # merge from the INT8 files (dequantized on load) with their training views
+                for c in ("subject", "style"):
+                    _copy_views(dirs[f"{c}_dora"], work / f"{c}_int8")
+            subject_dir = work / "subject_int8" if kind == "int8" else dirs[f"subject_{kind}"]
+            style_dir = work / "style_int8" if kind == "int8" else dirs[f"style_{kind}"]
+            out = work / f"merged_{method}"
+            cfg = MergeConfig(method=name, steps=args.merge_steps, learning_rate=args.merge_lr, seed=seed)
+            last = list(merge_adapters(base, subject_dir, style_dir, cfg, out))[-1]
+            seconds, size = last.elapsed, last.summary["adapter_bytes"]
+            adapters = slider_adapters(out, 1.0, 1.0)
+        images = generate(base, GenerateConfig(prompt=prompt, seed=1000 * seed, steps=20, num_images=args.images),
+                          adapters)
+        results[method] = {**score(images, subject, style, evaluator), "merge_seconds": seconds,
+                           "adapter_bytes": size}
+        results[method]["wall_seconds"] = time.time() - started
+    fp16 = save_adapter(load_adapter(dirs["subject_dora"]), work / "subject_fp16", dtype=torch.float16).stat().st_size
+    int8 = (work / "subject_int8" / "pytorch_lora_weights.safetensors").stat().st_size
+    return {"subject": subject, "style": style, "seed": seed, "methods": results, "int8_size_ratio": int8 / fp16}
+
+
+def _copy_views(src: Path, dst: Path) -> None:
+    import shutil
+
+    if not (dst / "train_images").exists():
+        shutil.copytree(src / "train_images", dst / "train_images")
+
+
+def aggregate(runs: list[dict]) -> dict:
+    methods = {}
+    for method in METHODS:
+        rows = [r["methods"][method] for r in runs]
+        methods[method] = {k: statistics.fmean(row[k] for row in rows) for k in rows[0]}
+    return {"methods": methods, "int8_size_ratio": statistics.fmean(r["int8_size_ratio"] for r in runs)}
+
+
+def markdown(result: dict) -> str:
+    lines = ["| method | subject fidelity | style fidelity | prompt adherence | merge s | adapter bytes |",
+             "|---|---|---|---|---|---|"]
+    for name, m in result["methods"].items():
+        lines.append(f"| {name} | {m['subject_fidelity']:.3f} | {m['style_fidelity']:.3f} | "
+                     f"{m['prompt_adherence']:.3f} | {m['merge_seconds']:.1f} | {int(m['adapter_bytes'])} |")
+    return "\n".join(lines) + f"\n\nINT8 / fp16 adapter file size: {result['int8_size_ratio']:.3f}\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=300, help="training steps per adapter")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--merge-steps", type=int, default=100)
+    parser.add_argument("--merge-lr", type=float, default=1e-2)
+    parser.add_argument("--images", type=int, default=8, help="images generated per method and run")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_grad_enabled(True)
+    base, evaluator = load_base("mini"), load_evaluator()
+    runs = []
+    started = time.time()
+    for subject, style in PAIRS[: args.pairs]:
+        for seed in range(args.seeds):
+            with tempfile.TemporaryDirectory() as tmp:
+                runs.append(run_pair(base, evaluator, subject, style, seed, args, Path(tmp)))
+            print(f"{subject} × {style} seed {seed}: done at {time.time() - started:.0f} s", file=sys.stderr)
+    result = {**aggregate(runs), "settings": vars(args) | {"out": str(args.out), "markdown": str(args.markdown)},
+              "seconds": time.time() - started, "per_run": runs}
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    if args.markdown:
+        args.markdown.write_text(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
