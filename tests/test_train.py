@@ -119,3 +119,21 @@ def test_prior_preservation_generates_and_uses_class_images(mini, subject_dir, t
 def test_config_errors_say_what_to_change(bad):
     with pytest.raises(ZipqError):
         TrainConfig(**bad)
+
+
+@pytest.mark.slow
+def test_data_parallel_launch_on_cpu(subject_dir, tmp_path):
+    """`torchrun`/`accelerate launch` with 2 processes: DDP (gloo on CPU) trains and the main process saves."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "zipq_core",
+                           "train", "--images", str(subject_dir), "--class-noun", "thing", "--steps", "4",
+                           "--out", str(tmp_path / "ddp")], cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count('"adapter"') == 2  # both ranks finished
+    assert load_adapter(tmp_path / "ddp").info["steps_done"] == 4
+    assert json.loads((tmp_path / "ddp" / "train_log.json").read_text())["loss"]

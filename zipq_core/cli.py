@@ -109,7 +109,7 @@ def cmd_train(args: argparse.Namespace) -> dict:
     from .data import DataConfig, prepare_images
     from .train import train_adapter
 
-    base = load_base(args.base, args.device, args.dtype)
+    base = load_base(args.base, args.device or _launched_device(), args.dtype)
     resolution = args.resolution or base.default_size
     cfg = TrainConfig(kind=args.kind, token=args.token, class_noun=args.class_noun, method=args.method,
                       rank=args.rank, alpha=args.alpha, target_modules=tuple(s for s in args.targets.split(",") if s),
@@ -135,6 +135,16 @@ def cmd_train(args: argparse.Namespace) -> dict:
 
         summary["int8_adapter"] = str(save_adapter_int8(load_adapter(args.out), Path(args.out) / "int8"))
     return summary
+
+
+def _launched_device() -> str | None:
+    """Under `accelerate launch`, each process takes the GPU of its local rank."""
+    import os
+
+    import torch
+
+    rank = os.environ.get("LOCAL_RANK")
+    return f"cuda:{rank}" if rank is not None and torch.cuda.is_available() else None
 
 
 def cmd_generate(args: argparse.Namespace) -> dict:

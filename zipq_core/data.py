@@ -30,6 +30,8 @@ CAPTION_SUFFIX = ".txt"
 
 # Files that operating systems drop into folders; never the person's images, so skipped silently.
 _SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini"})
+# Data files that travel with image sets (scene descriptions, notes): never images, so not "rejected".
+_METADATA_SUFFIXES = frozenset({".json", ".md", ".yaml", ".yml", ".csv"})
 
 # Formats people upload that Pillow cannot decode: a hint says what to do instead.
 _FORMAT_HINTS = {
@@ -225,7 +227,8 @@ def _collect(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[
 
 def _is_candidate(path: Path) -> bool:
     """Hidden files (`.DS_Store`, macOS `._photo.jpg`) and OS clutter are never a person's images."""
-    return not path.name.startswith(".") and path.name.lower() not in _SYSTEM_FILES
+    return (not path.name.startswith(".") and path.name.lower() not in _SYSTEM_FILES
+            and path.suffix.lower() not in _METADATA_SUFFIXES)
 
 
 def _split_captions(paths: list[Path]) -> tuple[list[Path], dict[str, Path]]:

@@ -237,6 +237,13 @@ def train_adapter(base: BaseModel, images: ImageSet, cfg: TrainConfig, out_dir: 
         try:
             params = _inject(unet, cfg)
             optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2)
+            accelerator = _accelerator()
+            model, is_main = unet, True
+            if accelerator is not None:  # `accelerate launch`: DDP over processes, each on its own batches
+                model = accelerator.prepare_model(unet)
+                optimizer = accelerator.prepare_optimizer(optimizer)
+                generator.manual_seed(cfg.seed + accelerator.process_index)
+                is_main = accelerator.is_main_process
             lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
             step, curve = 0, []
             ckpt = latest_checkpoint(out_dir) if resume is True else (Path(resume) if resume else None)
@@ -259,8 +266,8 @@ def train_adapter(base: BaseModel, images: ImageSet, cfg: TrainConfig, out_dir: 
                                     time.time() - loop_start, 0.0, checkpoint=saved, cancelled=True,
                                     adapter_dir=adapter_dir)
                     return
-                loss = _train_step(base, unet, scheduler, data, prior, cfg, generator)
-                loss.backward()
+                loss = _train_step(base, model, scheduler, data, prior, cfg, generator)
+                loss.backward() if accelerator is None else accelerator.backward(loss)
                 optimizer.step()
                 lr_sched.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -272,19 +279,37 @@ def train_adapter(base: BaseModel, images: ImageSet, cfg: TrainConfig, out_dir: 
                 elapsed = time.time() - loop_start
                 eta = elapsed / (step - first_step) * (cfg.steps - step)
                 record = TrainStep(step, cfg.steps, curve[-1], lr_sched.get_last_lr()[0], elapsed, eta)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps and is_main:
                     record.checkpoint = _save_checkpoint(out_dir, step, unet, optimizer, lr_sched, generator, curve)
-                if cfg.sample_every and step % cfg.sample_every == 0:
+                if cfg.sample_every and step % cfg.sample_every == 0 and is_main:
                     record.sample = _sample(base, cfg, step)
                 if step == cfg.steps:
                     record.done = True
-                    record.adapter_dir = _finish(unet, cfg, out_dir, curve, step, info, base, setup_seconds, elapsed)
+                    if accelerator is not None:
+                        accelerator.wait_for_everyone()
+                    if is_main:
+                        record.adapter_dir = _finish(unet, cfg, out_dir, curve, step, info, base, setup_seconds, elapsed)
                 yield record
         finally:
             _remove_adapter(unet)
             base.pipe.unet = original_unet
             if unet_ctx is not None:
                 unet_ctx.__exit__(None, None, None)
+
+
+def _accelerator():
+    """An `accelerate.Accelerator` when launched with several processes (`accelerate launch`), else None.
+
+    A single process needs none of it: the loop then runs as plain PyTorch, which keeps the shared,
+    cached UNet free of accelerate's wrappers.
+    """
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator()
 
 
 def _noise_scheduler(base: BaseModel):
