@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from zipq_core import GenerateConfig, TrainConfig, generate, load_adapter, load_base, train_adapter  # noqa: E402
 from zipq_core.adapters import save_adapter  # noqa: E402
-from zipq_core.data import ImageSet, TrainingImage, prepare_images, DataConfig  # noqa: E402
+from zipq_core.data import DataConfig, ImageSet, TrainingImage, prepare_images  # noqa: E402
 from zipq_core.evaluate import load_evaluator, prompt_adherence, style_fidelity, subject_fidelity  # noqa: E402
 from zipq_core.merge import MergeConfig, merge_adapters, slider_adapters  # noqa: E402
 from zipq_core.quantize import save_adapter_int8  # noqa: E402

@@ -10,8 +10,16 @@ import torch
 from safetensors import safe_open
 
 from zipq_core import ZipqError, load_base
-from zipq_core.adapters import (Adapter, LoraLayer, WEIGHTS_NAME, applied, fuse_weight, load_adapter, row_norm,
-                                save_adapter)
+from zipq_core.adapters import (
+    WEIGHTS_NAME,
+    Adapter,
+    LoraLayer,
+    applied,
+    fuse_weight,
+    load_adapter,
+    row_norm,
+    save_adapter,
+)
 from zipq_core.encode import Conditioning, unet_forward
 
 

@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from data_fixtures import write_broken_files
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from zipq_core import GenerateConfig, TrainConfig, generate, load_adapter, load_
 from zipq_core.adapters import save_adapter
 from zipq_core.data import DataConfig, prepare_images
 from zipq_core.qdora import build_quantized_unet, patched_peft_dequantize, weight_bytes
-from zipq_core.quantize import (dequantize_int8, int8_error_bound, quantize_int8, save_adapter_int8)
+from zipq_core.quantize import dequantize_int8, int8_error_bound, quantize_int8, save_adapter_int8
 
 
 @pytest.fixture(scope="module")

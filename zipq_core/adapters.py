@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import collections
 import json
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -73,16 +73,16 @@ class Adapter:
     def rank(self) -> int:
         return collections.Counter(layer.rank for layer in self.layers.values()).most_common(1)[0][0]
 
-    def detached(self) -> "Adapter":
+    def detached(self) -> Adapter:
         """A copy whose tensors carry no autograd history (after a learned merge)."""
         detach = lambda t: None if t is None else t.detach().clone()
-        layers = {k: LoraLayer(detach(l.down), detach(l.up), l.scale, detach(l.magnitude))
-                  for k, l in self.layers.items()}
+        layers = {k: LoraLayer(detach(x.down), detach(x.up), x.scale, detach(x.magnitude))
+                  for k, x in self.layers.items()}
         return Adapter(layers=layers, use_dora=self.use_dora, info=dict(self.info))
 
     def num_params(self) -> int:
-        return sum(l.down.numel() + l.up.numel() + (0 if l.magnitude is None else l.magnitude.numel())
-                   for l in self.layers.values())
+        return sum(layer.down.numel() + layer.up.numel() + (0 if layer.magnitude is None else layer.magnitude.numel())
+                   for layer in self.layers.values())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ def applied(pipe, adapters: Sequence[tuple[Adapter, float]]) -> Iterator[int]:
 def _lora_config_dict(adapter: Adapter) -> dict:
     """The LoraConfig fields diffusers rebuilds the adapter from (per-module patterns for mixed ranks)."""
     rank = adapter.rank
-    scales = collections.Counter(l.scale for l in adapter.layers.values() if l.rank == rank)
+    scales = collections.Counter(x.scale for x in adapter.layers.values() if x.rank == rank)
     scale = scales.most_common(1)[0][0]
     rank_pattern, alpha_pattern = {}, {}
     for key, layer in adapter.layers.items():

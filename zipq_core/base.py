@@ -23,7 +23,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 ASSETS_DIR = PACKAGE_DIR.parent / "assets"
 MINI_DIR = ASSETS_DIR / "mini"
 
-_CACHE: dict[tuple, "BaseModel"] = {}
+_CACHE: dict[tuple, BaseModel] = {}
 _CACHE_LOCK = threading.Lock()
 _MAX_CACHED = 2  # two SDXL pipelines already fill a 24 GB GPU; mini costs nothing
 

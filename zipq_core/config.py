@@ -76,7 +76,8 @@ class TrainConfig:
                f"quantize_base must be 'none', 'int8' or 'nf4', not {self.quantize_base!r}.")
         _check(self.sample_every >= 0 and self.checkpoint_every >= 0, "sample/checkpoint intervals must be ≥ 0.")
         if self.prior_preservation:
-            _check(bool(self.class_noun), "Prior preservation needs a class noun (e.g. 'dog') to generate class images.")
+            _check(bool(self.class_noun),
+                   "Prior preservation needs a class noun (e.g. 'dog') to generate class images.")
 
     @property
     def lora_alpha(self) -> float:

@@ -27,11 +27,11 @@ class Conditioning:
     pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
 
-    def select(self, index: torch.Tensor) -> "Conditioning":
+    def select(self, index: torch.Tensor) -> Conditioning:
         pick = (lambda t: None if t is None else t[index])
         return Conditioning(self.hidden[index], pick(self.pooled), pick(self.time_ids))
 
-    def cat(self, other: "Conditioning") -> "Conditioning":
+    def cat(self, other: Conditioning) -> Conditioning:
         join = (lambda a, b: None if a is None else torch.cat([a, b]))
         return Conditioning(torch.cat([self.hidden, other.hidden]), join(self.pooled, other.pooled),
                             join(self.time_ids, other.time_ids))

@@ -20,15 +20,24 @@ import json
 import math
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from .adapters import (Adapter, LoraLayer, direction_and_magnitude, fuse_weight, load_adapter, resolve_module, row_norm,
-                       save_adapter)
+from .adapters import (
+    Adapter,
+    LoraLayer,
+    direction_and_magnitude,
+    fuse_weight,
+    load_adapter,
+    resolve_module,
+    row_norm,
+    save_adapter,
+)
 from .base import BaseModel
 from .errors import ZipqError
 
@@ -132,7 +141,7 @@ def combine_parts(pipe, subject_part: Adapter, style_part: Adapter, info: dict) 
         parts = [a.layers[key] for a in (subject_part, style_part) if key in a.layers]
         w0 = resolve_module(pipe, key).weight.data.float()
         layers[key] = concat_parts(w0, parts)
-    return Adapter(layers=layers, use_dora=any(l.magnitude is not None for l in layers.values()), info=info)
+    return Adapter(layers=layers, use_dora=any(x.magnitude is not None for x in layers.values()), info=info)
 
 
 def _base_norms(pipe, keys) -> dict[str, torch.Tensor]:
@@ -150,7 +159,7 @@ def direct_parts(pipe, subject: Adapter, style: Adapter, cfg: MergeConfig) -> tu
 
 def _weighted(pipe, adapter: Adapter, weight: float, keep: str | None = None) -> Adapter:
     norms = _base_norms(pipe, adapter.layers)
-    layers = {k: _scaled_part(l, None, None, norms[k], weight) for k, l in adapter.layers.items()
+    layers = {k: _scaled_part(x, None, None, norms[k], weight) for k, x in adapter.layers.items()
               if keep is None or k.startswith(keep)}
     return Adapter(layers=layers, use_dora=adapter.use_dora, info=dict(adapter.info))
 
@@ -242,8 +251,8 @@ def _init_mergers(subject: Adapter, style: Adapter, learn_magnitude: bool) -> _M
     for key in set(subject.layers) & set(style.layers):  # only shared modules compete
         layers = (subject.layers[key], style.layers[key])
         column[key] = [torch.ones(layers[0].down.shape[1], requires_grad=True) for _ in layers]
-        row[key] = [torch.ones(l.up.shape[0], requires_grad=True) if learn_magnitude and l.magnitude is not None
-                    else None for l in layers]
+        row[key] = [torch.ones(x.up.shape[0], requires_grad=True) if learn_magnitude and x.magnitude is not None
+                    else None for x in layers]
     return _Mergers(column, row)
 
 
@@ -439,7 +448,8 @@ def merge_adapters(base: BaseModel, subject: str | Path | Adapter, style: str | 
                 "instance_prompt": _merged_prompt(subj, sty), "merge_seconds": round(seconds, 3), **extra}
         path = save_merged(base.pipe, parts[0], parts[1], out, info)
     yield MergeStep(extra.get("steps", 0), cfg.steps if cfg.learned else 0, extra.get("loss", float("nan")),
-                    elapsed=seconds, done=True, adapter_dir=out, summary={**info, "adapter_bytes": path.stat().st_size})
+                    elapsed=seconds, done=True, adapter_dir=out,
+                    summary={**info, "adapter_bytes": path.stat().st_size})
 
 
 def _describe(adapter: Adapter) -> dict:
@@ -460,7 +470,8 @@ def save_merged(pipe, subject_part: Adapter, style_part: Adapter, out_dir: Path,
     return save_adapter(merged, out_dir)
 
 
-def slider_adapters(merged_dir: str | Path, subject_strength: float, style_strength: float) -> list[tuple[Adapter, float]]:
+def slider_adapters(merged_dir: str | Path, subject_strength: float,
+                    style_strength: float) -> list[tuple[Adapter, float]]:
     """What to pass to `generate` for a merged adapter at (subject, style) strengths; (0, 0) = the base exactly.
 
     Adapters that are not merges (no parts) get the subject strength alone.

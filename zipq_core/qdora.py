@@ -20,8 +20,9 @@ tests/test_qdora.py keeps a test that fails if it appears, rather than a workaro
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 

@@ -114,7 +114,7 @@ def _take(tensors: dict[str, torch.Tensor], offsets: dict[str, int], name: str, 
     return tensors[name][start : start + count]
 
 
-def save_adapter_int8(adapter, out_dir) -> "Path":
+def save_adapter_int8(adapter, out_dir):
     """Save an adapter with INT8 factors (flagged in the header); `load_adapter` dequantizes it transparently.
 
     Args:
