@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--out", required=True)
 
+    x = sub.add_parser("export", help="write an adapter for other tools: kohya/A1111/ComfyUI, or INT8")
+    _add_base_args(x)
+    x.add_argument("--adapter", required=True, help="adapter folder or .safetensors")
+    x.add_argument("--format", choices=["kohya", "int8"], default="kohya")
+    x.add_argument("--bake", action="store_true", help="kohya: turn DoRA into a plain LoRA (widest compatibility)")
+    x.add_argument("--out", required=True, help="kohya: a .safetensors file; int8: a folder")
+
     e = sub.add_parser("evaluate", help="score images: subject / style fidelity and prompt adherence (JSON)")
     e.add_argument("--images", required=True)
     e.add_argument("--subject-ref", default=None)
@@ -191,6 +198,23 @@ def cmd_merge(args: argparse.Namespace) -> dict:
     return {"adapter": str(Path(args.out).resolve()), **last.summary}
 
 
+def cmd_export(args: argparse.Namespace) -> dict:
+    from .adapters import load_adapter
+
+    adapter = load_adapter(args.adapter)
+    if args.format == "int8":
+        from .quantize import save_adapter_int8
+
+        path = save_adapter_int8(adapter, args.out)
+        return {"path": str(path), "bytes": path.stat().st_size}
+    from .base import load_base
+    from .export import export_kohya
+
+    report = export_kohya(adapter, load_base(args.base, args.device, args.dtype), args.out, bake=args.bake)
+    return {"path": str(report.path), "bytes": report.path.stat().st_size, "layers": report.layers,
+            "baked": report.baked, "max_relative_error": report.max_relative_error}
+
+
 def cmd_evaluate(args: argparse.Namespace) -> dict:
     from .evaluate import evaluate_images, load_images
 
@@ -199,7 +223,8 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
                            prompt=args.prompt)
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "evaluate": cmd_evaluate}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "export": cmd_export,
+            "evaluate": cmd_evaluate}
 
 
 def _quiet_libraries() -> None:
