@@ -229,8 +229,10 @@ COMMANDS = {"train": cmd_train, "generate": cmd_generate, "merge": cmd_merge, "e
 
 def _quiet_libraries() -> None:
     """Library progress bars and deprecation chatter would drown the CLI's own bar."""
+    import logging
     import warnings
 
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its optional-kernel notice at import time
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
