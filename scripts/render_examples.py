@@ -31,7 +31,8 @@ def render_style_set(name: str, rng: np.random.Generator, n: int = 3) -> list[wo
     """Scenes of one style on distinct base subjects and colours."""
     subjects = rng.choice(world.SUBJECTS, size=n, replace=False)
     colours = rng.choice(world.COLOUR_NAMES, size=n, replace=False)
-    return [world.sample_scene(rng, "any", subject=str(s), style=name, colour=str(c)) for s, c in zip(subjects, colours)]
+    return [world.sample_scene(rng, "any", subject=str(s), style=name, colour=str(c))
+            for s, c in zip(subjects, colours)]
 
 
 def write_set(folder: Path, scenes: list[world.Scene]) -> None:

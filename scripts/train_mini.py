@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -328,7 +327,8 @@ def unet_loss(cfg, pipe, unet, te1, te2, sched, lat, scenes, rng, gen) -> torch.
     t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch,), generator=gen)
     noisy = sched.add_noise(z0, noise, t)
     time_ids = torch.tensor([TIME_IDS], dtype=torch.float32).repeat(cfg.batch, 1)
-    pred = unet(noisy, t, encoder_hidden_states=emb, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    cond = {"text_embeds": pooled, "time_ids": time_ids}
+    pred = unet(noisy, t, encoder_hidden_states=emb, added_cond_kwargs=cond).sample  # (B, C, 16, 16)
     per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))  # (B,)
     return (per * min_snr_weights(sched, t)).mean()
 

@@ -57,7 +57,8 @@ def test_evaluate_images_keys_and_fidelity(tmp_path, ev):
     assert out["prompt"]["named"] == {"subject": "heart", "style": "zigzag", "colour": "red"}
     assert out["prompt"]["acc"] >= 0.75
     # a mismatched subject scores lower on both probability and cosine
-    other = _save(tmp_path / "other", [world.sample_scene(rng, "any", subject="star", style="zigzag") for _ in range(4)])
+    other = _save(tmp_path / "other",
+                  [world.sample_scene(rng, "any", subject="star", style="zigzag") for _ in range(4)])
     bad = evaluate.subject_fidelity(evaluate.load_images(other), refs=evaluate.load_images(subj))
     assert bad["prob"] < out["subject"]["prob"] and bad["cosine"] < out["subject"]["cosine"]
 

@@ -40,9 +40,10 @@ def test_all_stages_tiny(tmp_path, recipe):
     curve = [json.loads(x) for x in (tmp_path / "log" / "curve.jsonl").read_text().splitlines()]
     assert {"step", "minutes", "subject_acc", "style_acc", "colour_acc"} <= set(curve[-1])
 
-    from diffusers import StableDiffusionXLPipeline
     import torch
+    from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "mini"), dtype=torch.float32, local_files_only=True)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "mini"), dtype=torch.float32,
+                                                     local_files_only=True)
     assert pipe.unet.config.in_channels == pipe.vae.config.latent_channels
     assert (tmp_path / "log" / "train.log").is_file()

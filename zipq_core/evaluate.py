@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Sequence, Union
 
 import numpy as np
 import torch
@@ -36,8 +36,8 @@ EVALUATOR_DIR = Path(__file__).resolve().parent.parent / "assets" / "evaluator"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 HEADS = ("subject", "style", "colour", "background")
 
-ImageLike = Union[Image.Image, np.ndarray, str, Path]
-Images = Union[Sequence[ImageLike], np.ndarray, torch.Tensor, str, Path]
+ImageLike = Image.Image | np.ndarray | str | Path
+Images = Sequence[ImageLike] | np.ndarray | torch.Tensor | str | Path
 
 
 @dataclass
