@@ -62,6 +62,8 @@ FLOW_STEPS = 150
 MAX_FILE_SIZE = "20mb"
 POLL_SECONDS = 1.0
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+# One colour per curve (each plot holds one series: see `loss_frame`).
+SERIES_COLOURS = {"subject": "#4f46e5", "style": "#f97316", "merge": "#16a34a"}
 MERGE_LABELS = {"zipq": "ZipQDoRA", "zip": "ZipLoRA", "direct": "direct (weighted sum)", "ties": "TIES",
                 "dare": "DARE", "blora": "B-LoRA"}
 
@@ -233,14 +235,20 @@ def job_line(job: Job | None, position: int, name: str) -> str:
     return " · ".join(parts)
 
 
-def loss_frame(jobs: dict[str, Job | None]):
-    """Loss curves of several jobs as one long table (step, loss, series) for `gr.LinePlot`."""
+def loss_frame(job: Job | None, series: str):
+    """One job's loss curve as a table (step, loss, series) for `gr.LinePlot`; `gr.skip()` while it has none.
+
+    Gradio 6.31's plot draws nothing after it once received an empty table, and never draws a colour series
+    that was absent from its first table: hence one plot per job kind and no empty updates.
+    """
     import pandas as pd
 
-    rows = [{"step": p.step, "loss": p.loss, "series": name}
-            for name, job in jobs.items() if job is not None
-            for p in list(job.progress) if p.loss == p.loss]  # p.loss == p.loss drops NaN set-up records
-    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+    rows = [{"step": p.step, "loss": p.loss, "series": series}
+            for p in (list(job.progress) if job is not None else []) if p.loss == p.loss]  # drops NaN set-up rows
+    if not rows:
+        return gr.skip()
+    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64",
+                                                                          "series": "str"})
 
 
 def rejected_markdown(image_set: ImageSet | None, error: str | None = None) -> str:
@@ -549,14 +557,15 @@ class Studio:
         cfg = self._gen_config(prompt, "", seed, steps, 5.0, self.base.default_size, self.base.default_size,
                                num_images)
         variants = self._compare_variants(paths)
-        gallery, rows = [], []
+        columns, rows = [], []
         refs = {kind: stored_views(paths, kind) for kind in ("subject", "style")}
         for name, adapters in variants:
             images = render(self.base, cfg, adapters)
             files = save_pngs(images, paths.outputs, f"compare-{name.split()[0].lower()}-{cfg.seed}")
-            gallery += [(f, name) for f in files]
+            columns.append([(f, name) for f in files])
             rows.append(score_row(name, images, refs, cfg.prompt) if self.base.is_mini else [name])
-        return gallery, scores_table(rows, self.base.is_mini)
+        grid = [cell for row in zip(*columns) for cell in row]  # row-major: one row per image, a column per variant
+        return gr.Gallery(value=grid, columns=len(columns)), scores_table(rows, self.base.is_mini)
 
     def _compare_variants(self, paths: SessionPaths) -> list[tuple[str, list]]:
         have = {k: paths.has_adapter(k) for k in ("subject", "style", "merged")}
@@ -638,26 +647,26 @@ class Studio:
         sub, sty = self.registry.latest(session, "train-subject"), self.registry.latest(session, "train-style")
         lines = [job_line(sub, self._pos(sub), "Subject"), job_line(sty, self._pos(sty), "Style")]
         logs = [f"- {line}" for job in (sub, sty) if job is not None for line in job.log[-4:]]
-        samples = [(job.sample, f"{name} preview, step {job.latest.step if job.latest else 0}")
+        samples = [(job.sample, f"{name} · step {job.latest.step if job.latest else 0}")
                    for name, job in (("subject", sub), ("style", sty)) if job is not None and job.sample is not None]
-        return ("\n\n".join(lines + logs), loss_frame({"subject": sub, "style": sty}), samples,
+        return ("\n\n".join(lines + logs), loss_frame(sub, "subject"), loss_frame(sty, "style"), samples,
                 self._download(paths, "subject"), self._download(paths, "style"))
 
     def _merge_panel(self, session: str, paths: SessionPaths) -> tuple:
         job = self.registry.latest(session, "merge")
-        return (job_line(job, self._pos(job), "Merge"), loss_frame({"merge": job}), self._download(paths, "merged"))
+        return (job_line(job, self._pos(job), "Merge"), loss_frame(job, "merge"), self._download(paths, "merged"))
 
     def _flow_panel(self, session: str, paths: SessionPaths) -> tuple:
         ids = read_settings(paths).flow_jobs
         jobs = [self.registry.get(i) for i in ids if any(j.id == i for j in self.registry.jobs_for(session))]
         if not jobs:
-            return "", []
+            return "", gr.Gallery(value=[], visible=False)
         lines = [job_line(j, self._pos(j), j.label[:1].upper() + j.label[1:]) for j in jobs]
         last = jobs[-1]
         images = [(str(p), "merged result") for k, p in sorted(last.artifacts.items()) if k.startswith("image")]
         if last.status == "done":
             lines.append(f"✅ Whole flow done in {fmt_seconds(last.finished - jobs[0].created)}.")
-        return "\n\n".join(lines), images
+        return "\n\n".join(lines), gr.Gallery(value=images, visible=bool(images))
 
     def _pos(self, job: Job | None) -> int:
         return self.registry.position(job.id) if job is not None else 0
@@ -673,7 +682,7 @@ class Studio:
                                  interactive=True)
 
 
-POLL_OUTPUTS = 11  # train: status, plot, samples, 2 downloads · merge: status, plot, download · flow: 2 · key
+POLL_OUTPUTS = 12  # train: status, 2 plots, samples, 2 downloads · merge: status, plot, download · flow: 2 · key
 
 
 # ------------------------------------------------------------------------------------ module-level helpers
@@ -771,7 +780,7 @@ def _images_tab(c: dict, kind: str, base: BaseModel) -> None:
     with gr.Row():
         with gr.Column(scale=1):
             c[f"{kind}_files"] = gr.File(label=f"{kind.title()} images", file_count="multiple",
-                                         file_types=["image", ".txt"])
+                                         file_types=["image", ".txt"], elem_id=f"{kind}_files")
             c[f"{kind}_token"] = gr.Dropdown(TOKEN_SUGGESTIONS[kind], value=TOKEN_SUGGESTIONS[kind][0],
                                              allow_custom_value=True, label="Token",
                                              info="A rare word that will name the new concept in prompts.")
@@ -785,7 +794,8 @@ def _images_tab(c: dict, kind: str, base: BaseModel) -> None:
             c[f"{kind}_use"] = gr.Button(f"Use these {kind} images", variant="primary")
         with gr.Column(scale=2):
             c[f"{kind}_gallery"] = gr.Gallery(label="Training views (cropped)", columns=5, height=260,
-                                              format="png", object_fit="contain")
+                                              format="png", object_fit="contain", elem_id=f"{kind}_gallery",
+                                              fit_columns=False)
             c[f"{kind}_notes"] = gr.Markdown()
 
 
@@ -798,7 +808,7 @@ def _train_tab(c: dict, base: BaseModel) -> None:
         c["int8"] = gr.Checkbox(label="Also save an INT8 adapter", value=False)
     with gr.Row():
         c["rank"] = gr.Slider(1, 64, value=8, step=1, label="Rank")
-        c["steps"] = gr.Number(FLOW_STEPS, precision=0, minimum=1, maximum=100000, label="Steps")
+        c["steps"] = gr.Number(FLOW_STEPS, precision=0, minimum=1, maximum=100000, label="Steps", elem_id="steps")
         c["lr"] = gr.Number(1e-3, label="Learning rate")
         c["resolution"] = gr.Number(base.default_size, precision=0, minimum=64, maximum=2048, step=8,
                                     label="Resolution (px)")
@@ -811,8 +821,11 @@ def _train_tab(c: dict, base: BaseModel) -> None:
     c["train_msg"] = gr.Markdown()
     with gr.Row():
         with gr.Column(scale=2):
-            c["train_status"] = gr.Markdown("No training yet.")
-            c["train_plot"] = gr.LinePlot(x="step", y="loss", color="series", label="Training loss", height=260)
+            c["train_status"] = gr.Markdown("No training yet.", elem_id="train_status")
+            with gr.Row():
+                for kind in ("subject", "style"):
+                    c[f"{kind}_plot"] = gr.LinePlot(x="step", y="loss", color="series", label=f"{kind.title()} loss",
+                                                    height=240, color_map=SERIES_COLOURS)
         with gr.Column(scale=1):
             c["train_samples"] = gr.Gallery(label="Previews", columns=2, height=260, format="png")
             c["subject_dl"] = gr.DownloadButton("Download subject adapter", interactive=False)
@@ -829,7 +842,7 @@ def _merge_tab(c: dict) -> None:
                                         label="Method", info="ZipQDoRA / ZipLoRA learn per-column mergers; "
                                                              "the others are training-free.")
         c["lam"] = gr.Number(0.01, label="λ (merger similarity penalty)")
-        c["merge_steps"] = gr.Number(100, precision=0, minimum=1, maximum=1000, label="Steps")
+        c["merge_steps"] = gr.Number(100, precision=0, minimum=1, maximum=1000, label="Steps", elem_id="merge_steps")
     with gr.Row():
         c["merge_subject_w"] = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Subject weight (direct/TIES/DARE)")
         c["merge_style_w"] = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Style weight (direct/TIES/DARE)")
@@ -839,8 +852,9 @@ def _merge_tab(c: dict) -> None:
         c["merge_cancel"] = gr.Button("Cancel", variant="stop")
         c["merged_dl"] = gr.DownloadButton("Download merged adapter", interactive=False)
     c["merge_msg"] = gr.Markdown()
-    c["merge_status"] = gr.Markdown("No merge yet.")
-    c["merge_plot"] = gr.LinePlot(x="step", y="loss", color="series", label="Merge loss", height=220)
+    c["merge_status"] = gr.Markdown("No merge yet.", elem_id="merge_status")
+    c["merge_plot"] = gr.LinePlot(x="step", y="loss", color="series", label="Merge loss", height=220,
+                                  color_map=SERIES_COLOURS)
 
 
 def _generate_tab(c: dict, base: BaseModel) -> None:
@@ -854,7 +868,7 @@ def _generate_tab(c: dict, base: BaseModel) -> None:
                 c["style_strength"] = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Style strength")
             with gr.Row():
                 c["seed"] = gr.Number(0, precision=0, minimum=0, label="Seed", scale=3)
-                c["dice"] = gr.Button("🎲 Random seed", scale=1)
+                c["dice"] = gr.Button("Random seed", scale=1)
             with gr.Row():
                 c["gen_steps"] = gr.Slider(1, 100, value=20, step=1, label="Steps")
                 c["guidance"] = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance")
@@ -865,8 +879,8 @@ def _generate_tab(c: dict, base: BaseModel) -> None:
             c["gen_btn"] = gr.Button("Generate", variant="primary")
         with gr.Column(scale=1):
             c["gen_gallery"] = gr.Gallery(label="Images (PNG)", columns=4, height=360, format="png",
-                                          object_fit="contain")
-            c["gen_note"] = gr.Markdown()
+                                          object_fit="contain", elem_id="gen_gallery")
+            c["gen_note"] = gr.Markdown(elem_id="gen_note")
             c["gen_files"] = gr.File(label="Download PNGs", file_count="multiple", interactive=False)
 
 
@@ -880,8 +894,10 @@ def _compare_tab(c: dict, base: BaseModel) -> None:
         c["cmp_steps"] = gr.Slider(1, 100, value=20, step=1, label="Steps", scale=1)
         c["cmp_n"] = gr.Slider(1, 4, value=2, step=1, label="Images per variant", scale=1)
     c["cmp_btn"] = gr.Button("Compare", variant="primary")
-    c["cmp_gallery"] = gr.Gallery(label="Variants", columns=6, height=300, format="png", object_fit="contain")
-    c["cmp_scores"] = gr.Dataframe(label="Evaluator scores" if base.is_mini else "Variants", interactive=False)
+    c["cmp_gallery"] = gr.Gallery(label="Variants (one column each, one row per image)", columns=5, height="auto",
+                                  format="png", object_fit="contain", fit_columns=False)
+    c["cmp_scores"] = gr.Dataframe(label="Evaluator scores" if base.is_mini else "Variants", interactive=False,
+                                   elem_id="cmp_scores")
 
 
 def build_ui(base: BaseModel) -> tuple[gr.Blocks, UI]:
@@ -901,8 +917,9 @@ def build_ui(base: BaseModel) -> tuple[gr.Blocks, UI]:
             c["flow_btn"] = gr.Button("▶ Run whole flow", variant="primary", scale=1)
             c["flow_cancel"] = gr.Button("Cancel all", variant="stop", scale=1)
         with gr.Row():
-            c["flow_status"] = gr.Markdown()
-            c["flow_gallery"] = gr.Gallery(label="Result", columns=4, height=160, format="png", object_fit="contain")
+            c["flow_status"] = gr.Markdown(elem_id="flow_status")
+            c["flow_gallery"] = gr.Gallery(label="Result", columns=4, height=160, format="png", object_fit="contain",
+                                           visible=False)
         with gr.Tabs():
             with gr.Tab("Subject", id="subject"):
                 _images_tab(c, "subject", base)
@@ -924,7 +941,7 @@ TRAIN_INPUTS = ("session", "train_which", "method", "quantize", "int8", "rank", 
                 "prior", "sample_every")
 GEN_INPUTS = ("session", "prompt", "negative", "seed", "gen_steps", "guidance", "width", "height", "num_images",
               "subject_strength", "style_strength")
-POLL_TARGETS = ("train_status", "train_plot", "train_samples", "subject_dl", "style_dl", "merge_status",
+POLL_TARGETS = ("train_status", "subject_plot", "style_plot", "train_samples", "subject_dl", "style_dl", "merge_status",
                 "merge_plot", "merged_dl", "flow_status", "flow_gallery", "seen")
 EXAMPLE_TARGETS = ("subject_gallery", "subject_notes", "subject_token", "subject_noun", "style_gallery",
                    "style_notes", "style_token", "style_noun", "prompt")
@@ -964,6 +981,8 @@ def wire(demo: gr.Blocks, ui: UI, studio: Studio) -> None:
                                                "merge_style_w", "density"), ui("merge_msg"), api_name="merge")
         ui["merge_cancel"].click(lambda s: studio.cancel(s, "merge"), ui("session"), ui("merge_msg"),
                                  api_visibility="private")
+        ui["prompt"].change(lambda p: p, ui("prompt"), ui("cmp_prompt"), api_visibility="private",
+                            show_progress="hidden")
         ui["dice"].click(lambda: random.randrange(2**31), None, ui("seed"), api_visibility="private",
                          show_progress="hidden")
         ui["gen_btn"].click(studio.generate, ui(*GEN_INPUTS), ui("gen_gallery", "gen_files", "gen_note"),

@@ -91,7 +91,7 @@ def test_whole_flow_examples_train_merge_generate(client, server):
     # The download buttons now point at the three adapter files (what the Train and Merge tabs show).
     studio = server[1]
     panel = studio.poll(session, None)
-    names = [str(b.value) for b in (panel[3], panel[4], panel[7]) if b.interactive]
+    names = [str(b.value) for b in (panel[4], panel[5], panel[8]) if b.interactive]
     assert [n for n in names if ".safetensors" in n] == names and len(names) == 3
     assert "zipq-subject-sks.safetensors" in names[0] and "zipq-style-zkz.safetensors" in names[1]
 

@@ -1,0 +1,128 @@
+"""The app in a real browser: Debian's chromium driven by Playwright (never a downloaded browser).
+
+Loads the page, fills it from the examples, uploads an image, trains (reloading the page mid-training to
+check it re-attaches to the same job), merges, generates and compares, and saves a screenshot of each tab
+to `test-artifacts/` (look at them).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+TIMEOUT_MS = 120_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    from app import create_app, launch_kwargs
+
+    demo, studio = create_app("mini", work_dir=tmp_path_factory.mktemp("sessions"))
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
+                **launch_kwargs(studio))
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(url):
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), "Debian's chromium is missing: apt-get install -y chromium"
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        pg = browser.new_page(viewport={"width": 1280, "height": 900})
+        pg.set_default_timeout(TIMEOUT_MS)
+        pg.goto(url)
+        yield pg
+        browser.close()
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"tab-{name}.png"), full_page=True)
+
+
+def gallery_images(page, elem_id: str):
+    return page.locator(f"#{elem_id} img")
+
+
+def test_every_tab_upload_train_reload_merge_generate(page, url, tmp_path):
+    page.get_by_text("ZipQDoRA Studio").first.wait_for()
+    assert "Base model" in page.content() and "mini" in page.content()
+    tabs = [t.inner_text().strip() for t in page.get_by_role("tab").all()]
+    assert tabs[:6] == ["Subject", "Style", "Train", "Merge", "Generate", "Compare"], tabs
+
+    # One click fills Subject and Style from the bundled examples.
+    page.get_by_role("button", name="Load examples").click()
+    gallery_images(page, "subject_gallery").nth(4).wait_for()
+    shot(page, "subject")
+
+    # Upload images by hand in the Style tab (two example files plus one that is not an image).
+    open_tab(page, "Style")
+    (tmp_path / "readme.png").write_text("not an image")
+    uploads = [str(p) for p in sorted((ROOT / "assets/examples/styles/grid").glob("*.png"))[:2]]
+    page.locator("#style_files input[type=file]").set_input_files(uploads + [str(tmp_path / "readme.png")])
+    page.locator("#style_files").get_by_text("readme").first.wait_for()  # the upload landed in the file list
+    page.get_by_role("button", name="Use these style images").click()
+    page.get_by_text("2 images ready").wait_for()
+    assert "readme.png" in page.content() and "Traceback" not in page.content()
+    shot(page, "style")
+
+    # Train both, reload mid-training, and find the same jobs' progress on the fresh page.
+    open_tab(page, "Train")
+    page.locator("#steps input").fill("60")
+    page.get_by_role("button", name="Train", exact=True).click()
+    page.locator("#train_status").get_by_text(re.compile(r"Subject\*?\*? · running")).wait_for()
+    page.reload()
+    open_tab(page, "Train")
+    status = page.locator("#train_status")
+    status.get_by_text(re.compile(r"step \d+/60")).first.wait_for()
+    status.get_by_text(re.compile(r"Style\*?\*? · done")).wait_for()
+    assert "Subject · done" in status.inner_text()
+    page.wait_for_timeout(1500)  # let the plot and previews draw
+    shot(page, "train")
+
+    open_tab(page, "Merge")
+    page.locator("#merge_steps input").fill("30")
+    page.get_by_role("button", name="Merge", exact=True).click()
+    page.locator("#merge_status").get_by_text(re.compile(r"Merge\*?\*? · done")).wait_for()
+    page.wait_for_timeout(1000)
+    shot(page, "merge")
+
+    open_tab(page, "Generate")
+    assert page.get_by_label("Prompt").first.input_value() == "a photo of sks heart in zkz style"
+    page.get_by_role("button", name="Generate", exact=True).click()
+    gallery_images(page, "gen_gallery").first.wait_for()
+    page.locator("#gen_note").get_by_text("merged adapter").wait_for()
+    shot(page, "generate")
+
+    open_tab(page, "Compare")
+    page.get_by_role("button", name="Compare", exact=True).click()
+    page.locator("#cmp_scores").get_by_text("direct merge").first.wait_for()
+    page.wait_for_timeout(500)
+    shot(page, "compare")
+    assert "Traceback" not in page.content()
+    assert len(list(ARTIFACTS.glob("tab-*.png"))) >= 6
