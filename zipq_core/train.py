@@ -13,6 +13,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -195,6 +196,82 @@ def _sample(base: BaseModel, cfg: TrainConfig, step: int) -> Image.Image:
     return image
 
 
+@dataclass
+class _Run:
+    """Everything one training run mutates: the live UNet with its adapter, optimizer and RNG."""
+
+    unet: torch.nn.Module
+    model: torch.nn.Module  # the UNet, or its DDP wrapper under `accelerate launch`
+    optimizer: torch.optim.Optimizer
+    lr_sched: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator
+    accelerator: object | None
+    step: int = 0
+    curve: list[float] = field(default_factory=list)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    def lr(self) -> float:
+        return self.lr_sched.get_last_lr()[0]
+
+    def checkpoint(self, out_dir: Path) -> Path:
+        return _save_checkpoint(out_dir, self.step, self.unet, self.optimizer, self.lr_sched, self.generator,
+                                self.curve)
+
+
+@contextmanager
+def _borrowed_unet(base: BaseModel, cfg: TrainConfig) -> Iterator[torch.nn.Module]:
+    """The UNet to train on (the base's, or a quantized copy for QDoRA), put back exactly afterwards."""
+    original = base.pipe.unet
+    with ExitStack() as stack:
+        unet = original
+        if cfg.quantize_base != "none":
+            from .qdora import quantized_unet  # QDoRA: the frozen base quantized while training
+
+            unet = stack.enter_context(quantized_unet(base, cfg.quantize_base))
+        base.pipe.unet = unet  # previews and encode_prompt see the training UNet
+        try:
+            yield unet
+        finally:
+            _remove_adapter(unet)
+            base.pipe.unet = original
+
+
+def _start_run(unet: torch.nn.Module, cfg: TrainConfig, out_dir: Path, resume: bool | str | Path) -> _Run:
+    """Attach the adapter, build the optimizer, and restore a checkpoint when resuming."""
+    params = _inject(unet, cfg)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    generator = torch.Generator("cpu").manual_seed(cfg.seed)
+    accelerator = _accelerator()
+    model = unet
+    if accelerator is not None:  # `accelerate launch`: DDP over processes, each on its own batches
+        model = accelerator.prepare_model(unet)
+        optimizer = accelerator.prepare_optimizer(optimizer)
+        generator.manual_seed(cfg.seed + accelerator.process_index)
+    run = _Run(unet, model, optimizer, lr_sched, generator, accelerator)
+    ckpt = latest_checkpoint(out_dir) if resume is True else (Path(resume) if resume else None)
+    if resume and ckpt is None:
+        raise ZipqError(f"Nothing to resume: no checkpoint under {out_dir / CHECKPOINT_DIR}.")
+    if ckpt is not None:
+        run.step, run.curve = _load_checkpoint(ckpt, unet, optimizer, lr_sched, generator)
+    return run
+
+
+def _optimizer_step(run: _Run, loss: torch.Tensor, cfg: TrainConfig) -> None:
+    run.accelerator.backward(loss) if run.accelerator is not None else loss.backward()
+    run.optimizer.step()
+    run.lr_sched.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    run.curve.append(float(loss.detach()))
+    if not math.isfinite(run.curve[-1]):
+        raise ZipqError(f"The loss became {run.curve[-1]} at step {run.step}: lower the learning rate "
+                        f"(now {cfg.learning_rate}).")
+
+
 def train_adapter(base: BaseModel, images: ImageSet, cfg: TrainConfig, out_dir: str | Path,
                   resume: bool | str | Path = False, cancel: threading.Event | None = None,
                   info: dict | None = None) -> Iterator[TrainStep]:
@@ -214,89 +291,49 @@ def train_adapter(base: BaseModel, images: ImageSet, cfg: TrainConfig, out_dir: 
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if len(images.images) < 1:
+    if not images.images:
         raise ZipqError("No usable training images.")
-    if cfg.quantize_base != "none":
-        from .qdora import quantized_unet  # QDoRA: the frozen base quantized while training
-
-        unet_ctx = quantized_unet(base, cfg.quantize_base)
-    else:
-        unet_ctx = None
     save_training_views(images, out_dir)
     with base.lock:
         started = time.time()
-        generator = torch.Generator("cpu").manual_seed(cfg.seed)
         data = _encode_set(base, [t.image for t in images.images], [t.caption for t in images.images], cfg)
         prior = None
         if cfg.prior_preservation:
-            cache = out_dir / "class_images"
-            prior = _encode_set(base, class_images(base, cfg, cache), [cfg.class_prompt] * cfg.num_class_images, cfg)
+            class_views = class_images(base, cfg, out_dir / "class_images")
+            prior = _encode_set(base, class_views, [cfg.class_prompt] * len(class_views), cfg)
         scheduler = _noise_scheduler(base)
-        original_unet = base.pipe.unet
-        unet = original_unet if unet_ctx is None else unet_ctx.__enter__()
-        base.pipe.unet = unet
-        try:
-            params = _inject(unet, cfg)
-            optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2)
-            accelerator = _accelerator()
-            model, is_main = unet, True
-            if accelerator is not None:  # `accelerate launch`: DDP over processes, each on its own batches
-                model = accelerator.prepare_model(unet)
-                optimizer = accelerator.prepare_optimizer(optimizer)
-                generator.manual_seed(cfg.seed + accelerator.process_index)
-                is_main = accelerator.is_main_process
-            lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
-            step, curve = 0, []
-            ckpt = latest_checkpoint(out_dir) if resume is True else (Path(resume) if resume else None)
-            if resume and ckpt is None:
-                raise ZipqError(f"Nothing to resume: no checkpoint under {out_dir / CHECKPOINT_DIR}.")
-            if ckpt is not None:
-                step, curve = _load_checkpoint(ckpt, unet, optimizer, lr_sched, generator)
-            setup_seconds = time.time() - started
+        with _borrowed_unet(base, cfg) as unet:
+            run = _start_run(unet, cfg, out_dir, resume)
+            finish = lambda elapsed: _finish(unet, cfg, out_dir, run.curve, run.step, info, base,
+                                             time.time() - started - elapsed, elapsed)
             unet.train()
-            loop_start, first_step = time.time(), step
-            yield TrainStep(step, cfg.steps, float("nan"), cfg.learning_rate, 0.0, float("nan"),
+            loop_start, first_step = time.time(), run.step
+            yield TrainStep(run.step, cfg.steps, float("nan"), cfg.learning_rate, 0.0, float("nan"),
                             messages=[f"{len(images.images)} images, {len(images.rejected)} rejected"]
                             + [f"rejected {r.name}: {r.reason}" for r in images.rejected])
-            while step < cfg.steps:
+            while run.step < cfg.steps:
                 if cancel is not None and cancel.is_set():
-                    saved = _save_checkpoint(out_dir, step, unet, optimizer, lr_sched, generator, curve)
-                    adapter_dir = _finish(unet, cfg, out_dir, curve, step, info, base, setup_seconds,
-                                          time.time() - loop_start)
-                    yield TrainStep(step, cfg.steps, curve[-1] if curve else float("nan"), lr_sched.get_last_lr()[0],
-                                    time.time() - loop_start, 0.0, checkpoint=saved, cancelled=True,
-                                    adapter_dir=adapter_dir)
+                    elapsed = time.time() - loop_start
+                    saved = run.checkpoint(out_dir)
+                    yield TrainStep(run.step, cfg.steps, run.curve[-1] if run.curve else float("nan"), run.lr(),
+                                    elapsed, 0.0, checkpoint=saved, cancelled=True, adapter_dir=finish(elapsed))
                     return
-                loss = _train_step(base, model, scheduler, data, prior, cfg, generator)
-                loss.backward() if accelerator is None else accelerator.backward(loss)
-                optimizer.step()
-                lr_sched.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                curve.append(float(loss.detach()))
-                if not math.isfinite(curve[-1]):
-                    raise ZipqError(f"The loss became {curve[-1]} at step {step}: lower the learning rate "
-                                    f"(now {cfg.learning_rate}).")
+                _optimizer_step(run, _train_step(base, run.model, scheduler, data, prior, cfg, run.generator), cfg)
                 elapsed = time.time() - loop_start
-                eta = elapsed / (step - first_step) * (cfg.steps - step)
-                record = TrainStep(step, cfg.steps, curve[-1], lr_sched.get_last_lr()[0], elapsed, eta)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps and is_main:
-                    record.checkpoint = _save_checkpoint(out_dir, step, unet, optimizer, lr_sched, generator, curve)
-                if cfg.sample_every and step % cfg.sample_every == 0 and is_main:
-                    record.sample = _sample(base, cfg, step)
-                if step == cfg.steps:
+                eta = elapsed / (run.step - first_step) * (cfg.steps - run.step)
+                record = TrainStep(run.step, cfg.steps, run.curve[-1], run.lr(), elapsed, eta)
+                if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < cfg.steps \
+                        and run.is_main:
+                    record.checkpoint = run.checkpoint(out_dir)
+                if cfg.sample_every and run.step % cfg.sample_every == 0 and run.is_main:
+                    record.sample = _sample(base, cfg, run.step)
+                if run.step == cfg.steps:
                     record.done = True
-                    if accelerator is not None:
-                        accelerator.wait_for_everyone()
-                    if is_main:
-                        record.adapter_dir = _finish(unet, cfg, out_dir, curve, step, info, base, setup_seconds,
-                                                     elapsed)
+                    if run.accelerator is not None:
+                        run.accelerator.wait_for_everyone()
+                    if run.is_main:
+                        record.adapter_dir = finish(elapsed)
                 yield record
-        finally:
-            _remove_adapter(unet)
-            base.pipe.unet = original_unet
-            if unet_ctx is not None:
-                unet_ctx.__exit__(None, None, None)
 
 
 def _accelerator():
