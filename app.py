@@ -331,8 +331,13 @@ class Studio:
             shutil.rmtree(folder, ignore_errors=True)  # nothing half-usable is kept
             raise
         drop_rejected(folder, image_set)
+        guess = self._noun_guess(kind, image_set)
+        if kind == "subject" and guess and not s.class_noun:  # an empty class noun takes the evaluator's guess
+            s = self._with_words(s, kind, s.subject_token, guess)
         write_settings(paths, s)
-        return gallery_of(image_set), rejected_markdown(image_set), self.suggest_nouns(kind, image_set), s.prompt
+        noun_now = s.class_noun if kind == "subject" else s.style_noun
+        noun_box = gr.Dropdown(choices=noun_choices(kind, self.base.is_mini, guess), value=noun_now)
+        return gallery_of(image_set), rejected_markdown(image_set), noun_box, s.prompt
 
     def _with_words(self, s: Settings, kind: str, token: str, noun: str) -> Settings:
         token, noun = (token or "").strip(), (noun or "").strip()
@@ -341,20 +346,11 @@ class Studio:
             return Settings(token, noun, s.style_token, s.style_noun, s.flow_jobs)
         return Settings(s.subject_token, s.class_noun, token, noun, s.flow_jobs)
 
-    def suggest_nouns(self, kind: str, image_set: ImageSet | None = None):
-        """Class-noun suggestions; on mini the evaluator names what the subject images show."""
-        from zipq_core import world
-
-        choices = list(world.ALL_SUBJECTS) if self.base.is_mini else list(GENERAL_NOUNS)
-        if kind == "style":
-            choices = ["", "picture", "shape", "painting", "illustration"]
-        guess = None
-        if image_set is not None and kind == "subject" and self.base.is_mini:
-            guess = evaluator_guess([t.image for t in image_set.images])
-        if guess and guess in choices:
-            choices.remove(guess)
-            choices.insert(0, guess)
-        return gr.Dropdown(choices=choices, value=guess) if guess else gr.Dropdown(choices=choices)
+    def _noun_guess(self, kind: str, image_set: ImageSet) -> str | None:
+        """On mini the offline evaluator names what the subject images show (a class-noun suggestion)."""
+        if kind != "subject" or not self.base.is_mini:
+            return None
+        return evaluator_guess([t.image for t in image_set.images])
 
     @user_errors
     def prepare_subject(self, session: str, files: list[str] | None, token: str, class_noun: str) -> tuple:
@@ -703,6 +699,18 @@ def save_pngs(images: Sequence, folder: Path, stem: str) -> list[str]:
     return paths
 
 
+def noun_choices(kind: str, is_mini: bool, guess: str | None = None) -> list[str]:
+    """Class-noun suggestions: the world's subjects on mini, everyday nouns elsewhere; a guess goes first."""
+    from zipq_core import world
+
+    if kind == "style":
+        return ["", "picture", "shape", "painting", "illustration"]
+    choices = list(world.ALL_SUBJECTS) if is_mini else list(GENERAL_NOUNS)
+    if guess:
+        choices = [guess] + [c for c in choices if c != guess]
+    return choices
+
+
 def gallery_of(image_set: ImageSet) -> list[tuple]:
     return [(t.image, t.name) for t in image_set.images]
 
@@ -784,8 +792,7 @@ def _images_tab(c: dict, kind: str, base: BaseModel) -> None:
             c[f"{kind}_token"] = gr.Dropdown(TOKEN_SUGGESTIONS[kind], value=TOKEN_SUGGESTIONS[kind][0],
                                              allow_custom_value=True, label="Token",
                                              info="A rare word that will name the new concept in prompts.")
-            nouns = ["", "picture", "shape", "painting"] if kind == "style" else \
-                (["heart", "moon", "arrow", "bolt"] if base.is_mini else GENERAL_NOUNS)
+            nouns = noun_choices(kind, base.is_mini)
             c[f"{kind}_noun"] = gr.Dropdown(nouns, value=nouns[0] if kind == "style" else None,
                                             allow_custom_value=True,
                                             label="Class noun" if kind == "subject" else "What the images show",

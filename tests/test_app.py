@@ -148,6 +148,12 @@ def test_bad_upload_shows_reasons_without_traceback(client, tmp_path):
     with pytest.raises(Exception) as excinfo:
         client.predict("../../etc", api_name="/job_status")
     assert "reload the page" in error_text(excinfo)
+    # Uploads above launch(max_file_size=…) are refused before they reach the app.
+    big = tmp_path / "huge.png"
+    big.write_bytes(b"\0" * (21 * 1024 * 1024))
+    with pytest.raises(Exception) as excinfo:
+        client.predict(session, [handle_file(str(big))], "sks", "", api_name="/prepare_subject")
+    assert "maximum file size" in error_text(excinfo)
 
 
 def test_two_sessions_are_isolated(client, server):
@@ -176,3 +182,17 @@ def test_share_fails_fast_offline(monkeypatch, capsys):
     assert app.main(["--share"]) == 2
     assert time.time() - started < 5
     assert "--share needs internet access" in capsys.readouterr().err
+
+
+def test_cli_flags_validate_and_launch_settings(server):
+    import app
+    from zipq_core import ZipqError
+
+    assert app.parse_auth("ada:secret") == ("ada", "secret") and app.parse_auth(None) is None
+    for bad in ("ada", "ada:", ":secret"):
+        with pytest.raises(ZipqError, match="user:password"):
+            app.parse_auth(bad)
+    assert app.main(["--auth", "nopassword"]) == 2
+    kwargs = app.launch_kwargs(server[1])
+    assert kwargs["max_file_size"] == app.MAX_FILE_SIZE and str(server[1].registry.root) in kwargs["allowed_paths"]
+    assert app.gpu_task(len) is len or callable(app.gpu_task(len))  # a no-op without the `spaces` package
