@@ -8,7 +8,6 @@ to `test-artifacts/` (look at them).
 from __future__ import annotations
 
 import re
-import shutil
 import socket
 from pathlib import Path
 
