@@ -256,11 +256,9 @@ def loss_frame(job: Job | None, series: str):
 
 
 def rejected_markdown(image_set: ImageSet | None, error: str | None = None) -> str:
-    if error:
-        return f"⚠️ {error}"
-    if image_set is None:
-        return ""
-    return image_set.summary().replace("\n- ", "\n\n- ")
+    """The data stage's summary (or refusal) as Markdown: counts, then one bullet per skipped file."""
+    text = f"⚠️ {error}" if error else (image_set.summary() if image_set is not None else "")
+    return text.replace("\n- ", "\n\n- ")
 
 
 # ------------------------------------------------------------------------------------------------ the studio
@@ -360,12 +358,21 @@ class Studio:
     @user_errors
     def prepare_subject(self, session: str, files: list[str] | None, token: str, class_noun: str) -> tuple:
         """Check and crop the subject uploads; show the training views and every skipped file's reason."""
-        return self._store_images("subject", session, files, token, class_noun)
+        return self._prepare_or_explain("subject", session, files, token, class_noun)
 
     @user_errors
     def prepare_style(self, session: str, files: list[str] | None, token: str, noun: str) -> tuple:
         """The same for the style uploads."""
-        return self._store_images("style", session, files, token, noun)
+        return self._prepare_or_explain("style", session, files, token, noun)
+
+    def _prepare_or_explain(self, kind: str, session: str, files, token: str, noun: str) -> tuple:
+        """A refused upload is explained beside it (every skipped file with its reason) and in a toast."""
+        check_session_id(session)
+        try:
+            return self._store_images(kind, session, files, token, noun)
+        except ZipqError as e:
+            gr.Warning(html.escape(str(e).splitlines()[0]), title=f"{kind.title()} images not usable")
+            return [], rejected_markdown(None, str(e)), gr.skip(), gr.skip()
 
     @user_errors
     def remember_words(self, session: str, subject_token: str, class_noun: str, style_token: str,
@@ -441,7 +448,7 @@ class Studio:
         return [self.registry.submit(session, f"train-{kind}",
                                      functools.partial(self._train_job, kind, cfg, bool(int8), resume, paths),
                                      label=f"train {kind}")
-                for kind, cfg in zip(kinds, cfgs)]
+                for kind, cfg in zip(kinds, cfgs, strict=True)]
 
     def _busy(self, session: str, kind: str) -> bool:
         job = self.registry.latest(session, kind)
@@ -565,7 +572,7 @@ class Studio:
             files = save_pngs(images, paths.outputs, f"compare-{name.split()[0].lower()}-{cfg.seed}")
             columns.append([(f, name) for f in files])
             rows.append(score_row(name, images, refs, cfg.prompt) if self.base.is_mini else [name])
-        grid = [cell for row in zip(*columns) for cell in row]  # row-major: one row per image, a column per variant
+        grid = [cell for row in zip(*columns, strict=True) for cell in row]  # row-major: one row per image, a column per variant
         return gr.Gallery(value=grid, columns=len(columns)), scores_table(rows, self.base.is_mini)
 
     def _compare_variants(self, paths: SessionPaths) -> list[tuple[str, list]]:
@@ -814,7 +821,7 @@ def _images_tab(c: dict, kind: str, base: BaseModel) -> None:
             c[f"{kind}_gallery"] = gr.Gallery(label="Training views (cropped)", columns=5, height=260,
                                               format="png", object_fit="contain", elem_id=f"{kind}_gallery",
                                               fit_columns=False)
-            c[f"{kind}_notes"] = gr.Markdown()
+            c[f"{kind}_notes"] = gr.Markdown(elem_id=f"{kind}_notes")
 
 
 def _train_tab(c: dict, base: BaseModel) -> None:
@@ -937,7 +944,7 @@ def build_ui(base: BaseModel) -> tuple[gr.Blocks, UI]:
         with gr.Row():
             c["flow_status"] = gr.Markdown(elem_id="flow_status")
             c["flow_gallery"] = gr.Gallery(label="Result", columns=4, height=160, format="png", object_fit="contain",
-                                           visible=False)
+                                           visible=False, elem_id="flow_gallery")
         with gr.Tabs():
             with gr.Tab("Subject", id="subject"):
                 _images_tab(c, "subject", base)

@@ -74,6 +74,15 @@ def test_every_tab_upload_train_reload_merge_generate(page, url, tmp_path):
     tabs = [t.inner_text().strip() for t in page.get_by_role("tab").all()]
     assert tabs[:6] == ["Subject", "Style", "Train", "Merge", "Generate", "Compare"], tabs
 
+    # A bad upload: the reason reaches the page as a message, never a traceback.
+    (tmp_path / "notes.png").write_text("not an image")
+    page.locator("#subject_files input[type=file]").set_input_files([str(tmp_path / "notes.png")])
+    page.locator("#subject_files").get_by_text("notes").first.wait_for()
+    page.get_by_role("button", name="Use these subject images").click()
+    page.locator("#subject_notes").get_by_text("No usable images").wait_for()
+    assert "not an image file" in page.content() and "Traceback" not in page.content()
+    page.screenshot(path=str(ARTIFACTS / "bad-upload.png"), full_page=True)
+
     # One click fills Subject and Style from the bundled examples.
     page.get_by_role("button", name="Load examples").click()
     gallery_images(page, "subject_gallery").nth(4).wait_for()
@@ -124,4 +133,10 @@ def test_every_tab_upload_train_reload_merge_generate(page, url, tmp_path):
     page.wait_for_timeout(500)
     shot(page, "compare")
     assert "Traceback" not in page.content()
+
+    # The one-click flow (on this session's images): train both, merge, generate; the result shows up top.
+    page.get_by_role("button", name="Run whole flow").click()
+    page.locator("#flow_status").get_by_text("Whole flow done").wait_for()
+    gallery_images(page, "flow_gallery").nth(3).wait_for()
+    page.screenshot(path=str(ARTIFACTS / "flow-done.png"), full_page=True)
     assert len(list(ARTIFACTS.glob("tab-*.png"))) >= 6
