@@ -572,7 +572,8 @@ class Studio:
             files = save_pngs(images, paths.outputs, f"compare-{name.split()[0].lower()}-{cfg.seed}")
             columns.append([(f, name) for f in files])
             rows.append(score_row(name, images, refs, cfg.prompt) if self.base.is_mini else [name])
-        grid = [cell for row in zip(*columns, strict=True) for cell in row]  # row-major: one row per image, a column per variant
+        # Row-major: one row per image, one column per variant.
+        grid = [cell for row in zip(*columns, strict=True) for cell in row]
         return gr.Gallery(value=grid, columns=len(columns)), scores_table(rows, self.base.is_mini)
 
     def _compare_variants(self, paths: SessionPaths) -> list[tuple[str, list]]:
