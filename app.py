@@ -548,14 +548,16 @@ class Studio:
         paths = self.paths(session)
         cfg = self._gen_config(prompt, negative, seed, steps, guidance, width, height, num_images)
         adapters = self._slider_adapters(paths, subject_strength, style_strength)
+        busy = self.registry.running()
+        if busy:  # training and merging hold the model: say so rather than look stuck
+            gr.Info(f"'{busy[0].label}' is using the model: your images come right after it.")
         started = time.time()
         images = render(self.base, cfg, adapters)
         files = save_pngs(images, paths.outputs, f"gen-{cfg.seed}")
-        used = "merged adapter" if paths.has_adapter("merged") else f"{len(adapters)} adapter(s)"
-        note = (f"{len(images)} image(s) in {time.time() - started:.1f} s with the {used} at subject "
-                f"{float(subject_strength):g} / style {float(style_strength):g}.")
-        if self.registry.jobs_for(session) and any(j.status == "running" for j in self.registry.jobs_for(session)):
-            note += " (A job was running, so this waited for the model.)"
+        used = "the merged adapter" if paths.has_adapter("merged") else \
+            (f"{len(adapters)} adapter(s)" if adapters else "the base model alone (no adapters trained yet)")
+        note = (f"{len(images)} image(s) in {time.time() - started:.1f} s with {used}, subject strength "
+                f"{float(subject_strength):g}, style strength {float(style_strength):g}.")
         return [(f, f"seed {cfg.seed} · #{i + 1}") for i, f in enumerate(files)], files, note
 
     @user_errors

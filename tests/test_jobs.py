@@ -83,7 +83,7 @@ def test_one_heavy_job_at_a_time_fifo_with_positions(reg):
     deadline = time.time() + 5
     while first.status != "running" and time.time() < deadline:
         time.sleep(0.01)
-    assert first.status == "running"
+    assert first.status == "running" and reg.running() == [first]
     assert (second.status, reg.position(second.id)) == ("queued", 1)
     assert (third.status, reg.position(third.id)) == ("queued", 2)
     gate.set()

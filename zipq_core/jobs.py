@@ -268,6 +268,10 @@ class JobRegistry:
         """The session's jobs, oldest first (optionally of one kind)."""
         return [j for j in self._all() if j.session == session and (kind is None or j.kind == kind)]
 
+    def running(self) -> list[Job]:
+        """Jobs running now, any session's (a request that needs the model waits for them)."""
+        return [j for j in self._all() if j.status == "running"]
+
     def latest(self, session: str, kind: str) -> Job | None:
         found = self.jobs_for(session, kind)
         return found[-1] if found else None
