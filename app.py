@@ -423,8 +423,9 @@ class Studio:
         if paths.merged.exists():
             shutil.rmtree(paths.merged, ignore_errors=True)
             ctx.log("The merged adapter was removed: it no longer matches the retrained adapter.")
-        s = read_settings(paths)
-        images = self._prepare(kind, paths.images(kind), s, cfg.resolution)
+        # The caption comes from the config made at submission, even if the tokens were edited since.
+        images = prepare_images(paths.images(kind), cfg.instance_prompt, self._data_config(kind, cfg.resolution),
+                                token=cfg.token)
         yield from train_adapter(self.base, images, cfg, out, resume=resume, cancel=ctx.cancel,
                                  info={"base": self.base.spec})
         if int8 and (out / ADAPTER_FILE).exists():
@@ -466,7 +467,7 @@ class Studio:
     @user_errors
     def resume(self, session: str, which: str, method: str, quantize: str, int8: bool, rank: float, steps: float,
                lr: float, resolution: float, prior: bool, sample_every: float) -> str:
-        """Continue a cancelled (or extend a finished) training from its newest checkpoint."""
+        """Continue a cancelled training from its newest checkpoint (same settings as when it started)."""
         kinds = ["subject", "style"] if which == "both" else [which]
         jobs = self._submit_training(session, kinds, (method, quantize, rank, steps, lr, resolution, prior,
                                                       sample_every), int8, resume=True)
@@ -598,7 +599,7 @@ class Studio:
     # ---- the whole flow
     @user_errors
     def run_flow(self, session: str, subject_name: str, style_name: str, steps: float, merge_method: str,
-                 prompt: str, seed: float) -> tuple:
+                 merge_steps: float, prompt: str, seed: float) -> tuple:
         """Load the examples when a tab is empty, then queue: train subject → train style → merge → generate."""
         paths = self.paths(session)
         if any(j.status not in FINISHED for j in self.registry.jobs_for(session)):
@@ -615,7 +616,8 @@ class Studio:
         methods = merge_methods()
         if methods:
             method = merge_method if merge_method in methods else ("zipq" if "zipq" in methods else "direct")
-            jobs.append(self._submit_merge(session, self._merge_config(method, 0.01, 100, 1.0, 1.0, 0.5), after))
+            merge_cfg = self._merge_config(method, 0.01, merge_steps or 100, 1.0, 1.0, 0.5)
+            jobs.append(self._submit_merge(session, merge_cfg, after))
             after = [jobs[-1].id]
         size = self.base.default_size
         cfg = self._gen_config(prompt, "", seed, 20, 5.0, size, size, 4)
@@ -996,7 +998,7 @@ def wire(demo: gr.Blocks, ui: UI, studio: Studio) -> None:
         ui["ex_btn"].click(studio.load_examples, ui("session", "ex_subject", "ex_style"), ui(*EXAMPLE_TARGETS),
                            api_name="load_examples")
         ui["flow_btn"].click(studio.run_flow, ui("session", "ex_subject", "ex_style", "steps", "merge_method",
-                                                 "prompt", "seed"),
+                                                 "merge_steps", "prompt", "seed"),
                              ui(*EXAMPLE_TARGETS, "flow_status"), api_name="run_flow")
         ui["flow_cancel"].click(lambda s: studio.cancel(s, "all"), ui("session"), ui("flow_status"),
                                 api_visibility="private")

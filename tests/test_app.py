@@ -98,7 +98,7 @@ def test_whole_flow_examples_train_merge_generate(client, server):
 
 def test_run_whole_flow_button(client):
     session = client.predict(api_name="/new_session")
-    out = client.predict(session, "moon", "grid", 8, "direct", "", 1, api_name="/run_flow")
+    out = client.predict(session, "moon", "grid", 8, "direct", 100, "", 1, api_name="/run_flow")
     assert out[2:4] == ("sks", "moon") and out[8] == "a photo of sks moon in zkz style"
     assert "train subject → train style → merge" in out[-1]
     jobs = wait_jobs(client, session)

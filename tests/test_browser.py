@@ -101,13 +101,13 @@ def test_every_tab_upload_train_reload_merge_generate(page, url, tmp_path):
 
     # Train both, reload mid-training, and find the same jobs' progress on the fresh page.
     open_tab(page, "Train")
-    page.locator("#steps input").fill("60")
+    page.locator("#steps input").fill("40")
     page.get_by_role("button", name="Train", exact=True).click()
     page.locator("#train_status").get_by_text(re.compile(r"Subject\*?\*? · running")).wait_for()
     page.reload()
     open_tab(page, "Train")
     status = page.locator("#train_status")
-    status.get_by_text(re.compile(r"step \d+/60")).first.wait_for()
+    status.get_by_text(re.compile(r"step \d+/40")).first.wait_for()
     status.get_by_text(re.compile(r"Style\*?\*? · done")).wait_for()
     assert "Subject · done" in status.inner_text()
     page.wait_for_timeout(1500)  # let the plot and previews draw
