@@ -930,11 +930,11 @@ def _compare_tab(c: dict, base: BaseModel) -> None:
                                    elem_id="cmp_scores")
 
 
-def build_ui(base: BaseModel) -> tuple[gr.Blocks, UI]:
+def build_ui(base: BaseModel, secret: str | None = None) -> tuple[gr.Blocks, UI]:
     """The page: a header with the base model, one-click examples and flow, then the tabs of the flow."""
     c: dict[str, Any] = {}
     with gr.Blocks(title="ZipQDoRA Studio") as demo:
-        c["browser"] = gr.BrowserState(None, storage_key="zipq_session")
+        c["browser"] = gr.BrowserState(None, storage_key="zipq_session", secret=secret)
         c["session"] = gr.Textbox(visible=False, label="session")
         c["seen"] = gr.State(None)
         gr.Markdown(header_markdown(base))
@@ -1040,10 +1040,21 @@ def create_app(base_spec: str = "mini", work_dir: str | Path = DEFAULT_WORK_DIR,
     registry = JobRegistry(root=Path(work_dir).resolve(), max_concurrent=1, ttl_s=ttl_hours * 3600)
     registry.cleanup()
     studio = Studio(base, registry)
-    demo, ui = build_ui(base)
+    demo, ui = build_ui(base, browser_secret(registry.root))
     wire(demo, ui, studio)
     demo.queue(default_concurrency_limit=4)
     return demo, studio
+
+
+def browser_secret(root: Path) -> str:
+    """The key that encrypts the session id in the browser, kept beside the sessions folder so a restarted
+    server still recognises its visitors (a fresh random key would send every open page to a new, empty
+    session). It lives outside the folder that `allowed_paths` serves."""
+    path = root.parent / f".{root.name}-browser-secret"
+    if not path.exists():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(new_session_id())
+    return path.read_text().strip()
 
 
 def launch_kwargs(studio: Studio, **overrides) -> dict:

@@ -194,3 +194,12 @@ def test_cli_flags_validate_and_launch_settings(server):
     kwargs = app.launch_kwargs(server[1])
     assert kwargs["max_file_size"] == app.MAX_FILE_SIZE and str(server[1].registry.root) in kwargs["allowed_paths"]
     assert app.gpu_task(len) is len or callable(app.gpu_task(len))  # a no-op without the `spaces` package
+
+
+def test_browser_secret_survives_restarts_and_is_not_served(tmp_path):
+    import app
+
+    root = tmp_path / "sessions"
+    first = app.browser_secret(root)
+    assert first == app.browser_secret(root) and len(first) >= 16  # the same key after a restart
+    assert not any(root.rglob("*secret*"))  # kept outside the folder that allowed_paths serves
