@@ -208,6 +208,14 @@ def download_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+def number(value: Any, name: str, kind: type = float) -> Any:
+    """A form field's number, or a message naming the field (an emptied number box sends None)."""
+    try:
+        return kind(float(value))
+    except (TypeError, ValueError):
+        raise ZipqError(f"{name} needs a number (the field is empty or not a number).") from None
+
+
 # -------------------------------------------------------------------------------------- display helpers
 def fmt_seconds(s: float | None) -> str:
     if s is None:
@@ -408,11 +416,13 @@ class Studio:
             raise ZipqError("Training on a quantized base (QDoRA) is not available in this build yet: choose "
                             "'none' for the base; the INT8 adapter option works.")
         token, noun = (s.subject_token, s.class_noun) if kind == "subject" else (s.style_token, s.style_noun)
-        steps = int(steps)
-        return TrainConfig(kind=kind, token=token, class_noun=noun, method=method, rank=int(rank),
-                           learning_rate=float(lr), steps=steps, resolution=int(resolution),
+        steps = number(steps, "Steps", int)
+        return TrainConfig(kind=kind, token=token, class_noun=noun, method=method, rank=number(rank, "Rank", int),
+                           learning_rate=number(lr, "Learning rate"), steps=steps,
+                           resolution=number(resolution, "Resolution", int),
                            prior_preservation=bool(prior) and kind == "subject", quantize_base=quantize,
-                           sample_every=int(sample_every), checkpoint_every=max(10, steps // 4))
+                           sample_every=number(sample_every, "Preview every N steps", int),
+                           checkpoint_every=max(10, steps // 4))
 
     def _train_job(self, kind: str, cfg: TrainConfig, int8: bool, resume: bool, paths: SessionPaths,
                    ctx: JobContext):
@@ -491,8 +501,9 @@ class Studio:
             raise ZipqError("Merging is not available in this build; Generate combines both adapters directly.")
         from zipq_core.merge import MergeConfig
 
-        return MergeConfig(method=method, steps=int(steps), lam=float(lam), subject_weight=float(subject_weight),
-                           style_weight=float(style_weight), density=float(density))
+        return MergeConfig(method=method, steps=number(steps, "Steps", int), lam=number(lam, "λ"),
+                           subject_weight=number(subject_weight, "Subject weight"),
+                           style_weight=number(style_weight, "Style weight"), density=number(density, "Density"))
 
     def _merge_job(self, cfg, paths: SessionPaths, ctx: JobContext):
         from zipq_core.merge import merge_adapters
@@ -527,7 +538,8 @@ class Studio:
     # ---- generation
     def _slider_adapters(self, paths: SessionPaths, subject_strength: float, style_strength: float) -> list:
         """The merged adapter's parts at the two slider strengths, else the two adapters themselves."""
-        s_sub, s_sty = check_strength(float(subject_strength)), check_strength(float(style_strength))
+        s_sub = check_strength(number(subject_strength, "Subject strength"))
+        s_sty = check_strength(number(style_strength, "Style strength"))
         if paths.has_adapter("merged") and merge_methods():
             from zipq_core.merge import slider_adapters
 
@@ -537,9 +549,10 @@ class Studio:
 
     def _gen_config(self, prompt: str, negative: str, seed: float, steps: float, guidance: float, width: float,
                     height: float, num_images: float) -> GenerateConfig:
-        return GenerateConfig(prompt=prompt or "", negative_prompt=negative or "", seed=int(seed), steps=int(steps),
-                              guidance=float(guidance), width=int(width), height=int(height),
-                              num_images=int(num_images))
+        return GenerateConfig(prompt=prompt or "", negative_prompt=negative or "", seed=number(seed, "Seed", int),
+                              steps=number(steps, "Steps", int), guidance=number(guidance, "Guidance"),
+                              width=number(width, "Width", int), height=number(height, "Height", int),
+                              num_images=number(num_images, "Images", int))
 
     @user_errors
     def generate(self, session: str, prompt: str, negative: str, seed: float, steps: float, guidance: float,

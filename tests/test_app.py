@@ -203,3 +203,10 @@ def test_browser_secret_survives_restarts_and_is_not_served(tmp_path):
     first = app.browser_secret(root)
     assert first == app.browser_secret(root) and len(first) >= 16  # the same key after a restart
     assert not any(root.rglob("*secret*"))  # kept outside the folder that allowed_paths serves
+
+
+def test_empty_number_fields_are_named_not_crashes(client):
+    session = client.predict(api_name="/new_session")
+    with pytest.raises(Exception) as excinfo:
+        client.predict(session, "a photo of sks", "", None, 10, 5.0, 64, 64, 1, 1.0, 1.0, api_name="/generate")
+    assert "Seed needs a number" in str(excinfo.value) and "TypeError" not in str(excinfo.value)
