@@ -946,7 +946,8 @@ def _compare_tab(c: dict, base: BaseModel) -> None:
 def build_ui(base: BaseModel, secret: str | None = None) -> tuple[gr.Blocks, UI]:
     """The page: a header with the base model, one-click examples and flow, then the tabs of the flow."""
     c: dict[str, Any] = {}
-    with gr.Blocks(title="ZipQDoRA Studio") as demo:
+    # Gradio's own copies of shown files (its cache) are dropped after a day, like the session folders.
+    with gr.Blocks(title="ZipQDoRA Studio", delete_cache=(3600, 24 * 3600)) as demo:
         c["browser"] = gr.BrowserState(None, storage_key="zipq_session", secret=secret)
         c["session"] = gr.Textbox(visible=False, label="session")
         c["seen"] = gr.State(None)
