@@ -354,9 +354,10 @@ def _learned_merge(base: BaseModel, subject: Adapter, style: Adapter, dirs: tupl
         optimizer.step()
         elapsed = time.time() - started
         mean_sim = float(similarity.detach()) / max(1, len(mergers.column))
-        if not math.isfinite(float(loss)):
-            raise ZipqError(f"The merge diverged at step {step} (loss {float(loss)}): lower the learning rate.")
-        yield MergeStep(step, cfg.steps, float(loss), float(loss_c), float(loss_s), mean_sim, elapsed,
+        total, term_c, term_s = (float(x.detach()) for x in (loss, loss_c, loss_s))
+        if not math.isfinite(total):
+            raise ZipqError(f"The merge diverged at step {step} (loss {total}): lower the learning rate.")
+        yield MergeStep(step, cfg.steps, total, term_c, term_s, mean_sim, elapsed,
                         elapsed / step * (cfg.steps - step))
         if mean_sim < cfg.early_stop:
             break
