@@ -67,6 +67,16 @@ def test_every_method_saves_a_file_diffusers_reads_exactly(method, adapters, tmp
     assert (theirs - merged_model).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("similarity", ["product", "cosine"])
+def test_learned_merge_lowers_its_loss(adapters, tmp_path, similarity):
+    base, made = adapters
+    cfg = MergeConfig(method="zipq", steps=30, similarity=similarity, learning_rate=3e-2)
+    records = [r for r in merge_adapters(base, made["subject_dora"], made["style_dora"], cfg, tmp_path / "m")
+               if not r.done]
+    first, last = records[0], records[-1]
+    assert last.similarity < first.similarity  # the mergers moved apart
+
+
 def test_sliders_zero_zero_is_base_exactly(adapters, tmp_path):
     base, made = adapters
     list(merge_adapters(base, made["subject_dora"], made["style_dora"], MergeConfig(method="zipq", steps=3),
@@ -106,7 +116,8 @@ def test_zipq_refuses_lora_inputs_and_cancel_stops(adapters, tmp_path):
     assert records[-1].cancelled and records[-1].step <= 2
 
 
-@pytest.mark.parametrize("bad", [dict(method="sum"), dict(steps=0), dict(density=0), dict(subject_weight=2)])
+@pytest.mark.parametrize("bad", [dict(method="sum"), dict(steps=0), dict(density=0), dict(subject_weight=2),
+                                 dict(similarity="dot")])
 def test_merge_config_errors(bad):
     with pytest.raises(ZipqError):
         MergeConfig(**bad)

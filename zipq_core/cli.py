@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--steps", type=int, default=100, help="learned methods: merger steps (≤ 100 is ZipLoRA's budget)")
     m.add_argument("--lr", type=float, default=1e-2)
     m.add_argument("--lam", type=float, default=0.01, help="λ of the merger-similarity term")
+    m.add_argument("--similarity", choices=["product", "cosine"], default="product",
+                   help="merger-similarity term: mean|m_c⊙m_s| (product) or |cos(m_c, m_s)| (ZipLoRA paper)")
     m.add_argument("--subject-weight", type=float, default=1.0)
     m.add_argument("--style-weight", type=float, default=1.0)
     m.add_argument("--density", type=float, default=0.5, help="ties/dare: fraction kept")
@@ -187,6 +189,7 @@ def cmd_merge(args: argparse.Namespace) -> dict:
 
     base = load_base(args.base, args.device, args.dtype)
     cfg = MergeConfig(method=args.method, steps=args.steps, learning_rate=args.lr, lam=args.lam, seed=args.seed,
+                      similarity=args.similarity,
                       subject_weight=args.subject_weight, style_weight=args.style_weight, density=args.density)
     bar = _Bar(cfg.steps if cfg.learned else 1, f"merge {cfg.method}")
     last = None

@@ -63,6 +63,8 @@ class MergeConfig:
     style_weight: float = field(default=1.0, metadata={"help": "Style weight (direct/ties/dare)."})
     density: float = field(default=0.5, metadata={"help": "Fraction of ΔW kept by TIES trimming / DARE."})
     early_stop: float = field(default=1e-3, metadata={"help": "Stop when the mean similarity falls below this."})
+    similarity: Literal["product", "cosine"] = field(default="product",
+                                                     metadata={"help": "Merger-similarity term (see _similarity)."})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -71,6 +73,8 @@ class MergeConfig:
             raise ZipqError(f"merge steps must be between 1 and 1000, not {self.steps}.")
         if not 0 < self.learning_rate <= 1:
             raise ZipqError(f"merge learning rate {self.learning_rate} is out of range (try 1e-3…5e-2).")
+        if self.similarity not in ("product", "cosine"):
+            raise ZipqError(f"similarity must be 'product' or 'cosine', not {self.similarity!r}.")
         if self.lam < 0:
             raise ZipqError("λ must be ≥ 0.")
         if not 0 < self.density <= 1:
@@ -279,9 +283,16 @@ def _fused_params(pipe, parts: Sequence[Adapter]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _similarity(mergers: _Mergers) -> torch.Tensor:
-    """Σ over modules of mean|m_c ⊙ m_s| (ZipLoRA's merger-similarity term)."""
-    terms = [(c[0] * c[1]).abs().mean() for c in mergers.column.values()]
+def _similarity(mergers: _Mergers, kind: str = "product") -> torch.Tensor:
+    """Σ over modules of the merger-similarity term.
+
+    "product": mean|m_c ⊙ m_s| (DESIGN §7); it also rewards shrinking both mergers.
+    "cosine": |cos(m_c, m_s)| (ZipLoRA's paper); scale-free, it only rewards using different columns.
+    """
+    if kind == "cosine":
+        terms = [F.cosine_similarity(c[0], c[1], dim=0).abs() for c in mergers.column.values()]
+    else:
+        terms = [(c[0] * c[1]).abs().mean() for c in mergers.column.values()]
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
@@ -347,7 +358,7 @@ def _learned_merge(base: BaseModel, subject: Adapter, style: Adapter, dirs: tupl
         pred_c = _call(unet, merged, noisy[0], t, batch[0][1])
         pred_s = _call(unet, merged, noisy[1], t, batch[1][1])
         loss_c, loss_s = F.mse_loss(pred_c, target_c), F.mse_loss(pred_s, target_s)
-        similarity = _similarity(mergers)
+        similarity = _similarity(mergers, cfg.similarity)
         loss = loss_c + loss_s + cfg.lam * similarity
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
