@@ -17,7 +17,8 @@ from pathlib import Path
 
 def bytes_to_unicode() -> dict[int, str]:
     """CLIP's reversible byte → printable-character table (the first 256 vocabulary entries)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
     chars = printable[:]
     extra = 0
     for b in range(256):

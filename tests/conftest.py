@@ -23,7 +23,8 @@ TOKENIZER = ROOT / "assets" / "tokenizer"
 def _tokenizer(pad: str = "<|endoftext|>"):
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer(str(TOKENIZER / "vocab.json"), str(TOKENIZER / "merges.txt"), pad_token=pad, model_max_length=77)
+    return CLIPTokenizer(str(TOKENIZER / "vocab.json"), str(TOKENIZER / "merges.txt"), pad_token=pad,
+                         model_max_length=77)
 
 
 def _text_encoder(width: int, projection: bool = False):

@@ -34,8 +34,9 @@ def good_images(folder: Path, count: int = 2) -> list[Path]:
     return [solid(folder / f"good{i}.png") for i in range(count)]
 
 
-def prepare_one(path: Path, config: DataConfig = DataConfig()) -> Image.Image:
+def prepare_one(path: Path, config: DataConfig | None = None) -> Image.Image:
     """Prepare a folder holding `path` plus a good image; return the prepared view of `path`."""
+    config = config or DataConfig()
     solid(path.parent / "zz_good.png")
     result = prepare_images(path.parent, CAPTION, config)
     assert result.rejected == []

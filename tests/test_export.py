@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-
 from test_adapters import _adapter_for, _unet_out
+
 from zipq_core import ZipqError, load_base
 from zipq_core.adapters import applied
 from zipq_core.export import export_kohya, import_kohya
@@ -66,6 +66,7 @@ def test_input_axis_dora_scale_is_refused(tiny_sd1_dir, tmp_path):
 
 def test_foreign_names_are_explained(tiny_sd1_dir, tmp_path):
     save_file({"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.zeros(2, 4),
-               "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(4, 2)}, str(tmp_path / "x.safetensors"))
+               "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.zeros(4, 2)},
+              str(tmp_path / "x.safetensors"))
     with pytest.raises(ZipqError, match="do not match"):
         import_kohya(tmp_path / "x.safetensors", load_base(str(tiny_sd1_dir)))

@@ -106,7 +106,8 @@ def test_zipq_refuses_lora_inputs_and_cancel_stops(adapters, tmp_path):
 
     base, made = adapters
     with pytest.raises(ZipqError, match="zip"):
-        list(merge_adapters(base, made["subject_lora"], made["style_lora"], MergeConfig(method="zipq"), tmp_path / "x"))
+        list(merge_adapters(base, made["subject_lora"], made["style_lora"], MergeConfig(method="zipq"),
+                            tmp_path / "x"))
     cancel = threading.Event()
     records = []
     for record in merge_adapters(base, made["subject_dora"], made["style_dora"], MergeConfig(steps=50), tmp_path / "c",

@@ -54,10 +54,12 @@ def _dora_steps(unet, steps: int, patch: bool) -> None:
     c = unet.config
     x, h = torch.randn(2, c.in_channels, 16, 16), torch.randn(2, 77, c.cross_attention_dim)
     pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
-    added = {"text_embeds": torch.randn(2, pooled), "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]] * 2, dtype=torch.float32)}
+    time_ids = torch.tensor([[64, 64, 0, 0, 64, 64]] * 2, dtype=torch.float32)
+    added = {"text_embeds": torch.randn(2, pooled), "time_ids": time_ids}
     with patched_peft_dequantize() if patch else contextlib.nullcontext():
         for _ in range(steps):
-            unet(x, torch.tensor([10, 10]), encoder_hidden_states=h, added_cond_kwargs=added).sample.square().mean().backward()
+            out = unet(x, torch.tensor([10, 10]), encoder_hidden_states=h, added_cond_kwargs=added).sample
+            out.square().mean().backward()
             opt.step()
             opt.zero_grad()
 

@@ -17,9 +17,11 @@ from .errors import ZipqError
 
 
 def _add_base_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", default="mini", help="mini (bundled), a hub id, a diffusers folder or a .safetensors file")
+    p.add_argument("--base", default="mini",
+                   help="mini (bundled), a hub id, a diffusers folder or a .safetensors file")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp32 on CPU, bf16/fp16 on CUDA")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="default: fp32 on CPU, bf16/fp16 on CUDA")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resolution", type=int, default=None, help="default: the base model's native size")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--prior-preservation", action="store_true")
-    t.add_argument("--quantize-base", choices=["none", "int8", "nf4"], default="none", help="QDoRA: 8/4-bit frozen base")
+    t.add_argument("--quantize-base", choices=["none", "int8", "nf4"], default="none",
+                   help="QDoRA: 8/4-bit frozen base")
     t.add_argument("--checkpoint-every", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     t.add_argument("--int8-adapter", action="store_true", help="also save an INT8 copy of the adapter")
@@ -53,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate images with adapters at chosen strengths")
     _add_base_args(g)
-    g.add_argument("--adapter", action="append", default=[], help="PATH[:STRENGTH], strength 0–1.5 (default 1); repeatable")
+    g.add_argument("--adapter", action="append", default=[],
+                   help="PATH[:STRENGTH], strength 0–1.5 (default 1); repeatable")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--seed", type=int, default=0)

@@ -191,7 +191,8 @@ def _check_enough(image_set: ImageSet, min_images: int, where: str) -> None:
         return
     found = "No" if not image_set.images else f"Only {len(image_set.images)}"
     message = (f"{found} usable image{'' if len(image_set.images) == 1 else 's'} in {where}; at least "
-               f"{min_images} {'is' if min_images == 1 else 'are'} needed: add {missing} more usable image{'' if missing == 1 else 's'}.")
+               f"{min_images} {'is' if min_images == 1 else 'are'} needed: "
+               f"add {missing} more usable image{'' if missing == 1 else 's'}.")
     if image_set.rejected:
         message += "\nSkipped files:\n" + "\n".join(f"- {r.name}: {r.reason}" for r in image_set.rejected)
     raise ZipqError(message)
