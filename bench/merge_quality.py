@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="training steps per adapter")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--merge-steps", type=int, default=100)
-    parser.add_argument("--merge-lr", type=float, default=1e-2)
+    parser.add_argument("--merge-lr", type=float, default=3e-3)
     parser.add_argument("--images", type=int, default=8, help="images generated per method and run")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None)

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--style", required=True, help="style adapter folder or .safetensors")
     m.add_argument("--method", default="zipq", choices=["zipq", "zip", "direct", "ties", "dare", "blora"])
     m.add_argument("--steps", type=int, default=100, help="learned methods: merger steps (≤ 100 is ZipLoRA's budget)")
-    m.add_argument("--lr", type=float, default=1e-2)
+    m.add_argument("--lr", type=float, default=3e-3, help="merger learning rate")
     m.add_argument("--lam", type=float, default=0.01, help="λ of the merger-similarity term")
     m.add_argument("--similarity", choices=["product", "cosine"], default="product",
                    help="merger-similarity term: mean|m_c⊙m_s| (product) or |cos(m_c, m_s)| (ZipLoRA paper)")

@@ -55,7 +55,8 @@ class MergeConfig:
 
     method: MergeMethod = field(default="zipq", metadata={"help": "zipq, zip, direct, ties, dare or blora."})
     steps: int = field(default=100, metadata={"help": "Merger optimisation steps (ZipLoRA: ≤ 100)."})
-    learning_rate: float = field(default=1e-2, metadata={"help": "Adam lr for the mergers (no weight decay)."})
+    learning_rate: float = field(default=3e-3, metadata={"help": "Adam lr for the mergers (no weight decay); "
+                                                                 "1e-2 let noisy steps undo the subject on mini."})
     lam: float = field(default=0.01, metadata={"help": "λ of the merger-similarity term Σ mean|m_c ⊙ m_s|."})
     batch_size: int = field(default=2, metadata={"help": "Latents per concept per step."})
     seed: int = 0
