@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,10 +60,7 @@ def main() -> None:
               "strength0_identical": bool(np.array_equal(pictures["none"], pictures["zero"])),
               "strength1_differs": not np.array_equal(pictures["none"], pictures["one"]),
               "rejected": summary["rejected"]}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
@@ -160,10 +161,7 @@ def main() -> None:
             print(f"{subject} × {style} seed {seed}: done at {time.time() - started:.0f} s", file=sys.stderr)
     result = {**aggregate(runs), "settings": vars(args) | {"out": str(args.out), "markdown": str(args.markdown)},
               "seconds": time.time() - started, "per_run": runs}
-    text = json.dumps(result, indent=2, default=str)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit_json(result, args.out)
     if args.markdown:
         args.markdown.write_text(markdown(result))
 

@@ -10,12 +10,12 @@ Usage: python bench/personalization.py [--subject heart] [--style hatching] [--s
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
-from merge_quality import train  # same training recipe as the merge benchmark (bench/ is on sys.path)
+from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
+from merge_quality import train  # same training recipe as the merge benchmark
 
 from zipq_core import GenerateConfig, generate, load_adapter, load_base
 from zipq_core.evaluate import load_evaluator, style_fidelity, subject_fidelity
@@ -45,10 +45,7 @@ def main() -> None:
             result[f"{kind}_acc"] = scores["acc"]
             result[kind] = {"name": name, "prompt": prompt, **scores}
     result["seconds"] = round(time.time() - started, 1)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit_json(result, args.out)
 
 
 if __name__ == "__main__":

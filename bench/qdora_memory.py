@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [(p, m) for p in ("fp32", "bf16", "int8", "nf4") for m in ("dora", "lora")]
 
@@ -77,10 +79,7 @@ def main() -> None:
     result = {"base": args.base, "steps": args.steps, "runs": rows,
               "dora_over_lora_time": {p: speed[p]["sec_per_step"] / lora[p]["sec_per_step"]
                                       for p in speed if p in lora}}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ the pipelines are saved once per session and loaded through the same `load_base`
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,22 @@ def style_dir() -> Path:
     folders = sorted(p for p in (EXAMPLES / "styles").iterdir() if p.is_dir())
     assert folders, "assets/examples/styles is empty"
     return folders[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def launched_app(tmp_path_factory):
+    """The Studio on mini, served in-process on a free port: (url, studio). One per test module."""
+    from app import create_app, launch_kwargs
+
+    demo, studio = create_app("mini", work_dir=tmp_path_factory.mktemp("sessions"))
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
+                **launch_kwargs(studio))
+    yield f"http://127.0.0.1:{port}/", studio
+    demo.close()

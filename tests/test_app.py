@@ -6,7 +6,6 @@ and two isolated sessions. Steps are few so the file runs in about a minute on a
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -17,22 +16,9 @@ pytestmark = pytest.mark.slow
 FINISHED = ("done", "failed", "cancelled")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from app import create_app, launch_kwargs
-
-    demo, studio = create_app("mini", work_dir=tmp_path_factory.mktemp("sessions"))
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
-                **launch_kwargs(studio))
-    yield f"http://127.0.0.1:{port}/", studio
-    demo.close()
+def server(launched_app):
+    return launched_app
 
 
 @pytest.fixture(scope="module")

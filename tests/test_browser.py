@@ -8,7 +8,6 @@ to `test-artifacts/` (look at them).
 from __future__ import annotations
 
 import re
-import socket
 from pathlib import Path
 
 import pytest
@@ -23,22 +22,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 TIMEOUT_MS = 120_000
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def url(tmp_path_factory):
-    from app import create_app, launch_kwargs
-
-    demo, studio = create_app("mini", work_dir=tmp_path_factory.mktemp("sessions"))
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
-                **launch_kwargs(studio))
-    yield f"http://127.0.0.1:{port}/"
-    demo.close()
+def url(launched_app):
+    return launched_app[0]
 
 
 @pytest.fixture(scope="module")
