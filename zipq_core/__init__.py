@@ -7,9 +7,12 @@ them, generate, evaluate. No model is loaded at import time (base models load la
 from .errors import ZipqError
 from .config import GenerateConfig, TrainConfig
 from .base import BaseModel, load_base
+from .data import DataConfig, ImageSet, prepare_images
 from .adapters import Adapter, LoraLayer, applied, load_adapter, save_adapter
 from .train import TrainStep, train_adapter
+from .merge import MergeConfig, MergeStep, merge_adapters, slider_adapters
 from .generate import generate, load_adapters, parse_adapter_arg
+from .evaluate import evaluate_images, load_evaluator
 
 __all__ = [
     "ZipqError",
@@ -17,6 +20,9 @@ __all__ = [
     "TrainConfig",
     "BaseModel",
     "load_base",
+    "DataConfig",
+    "ImageSet",
+    "prepare_images",
     "Adapter",
     "LoraLayer",
     "applied",
@@ -24,7 +30,13 @@ __all__ = [
     "save_adapter",
     "TrainStep",
     "train_adapter",
+    "MergeConfig",
+    "MergeStep",
+    "merge_adapters",
+    "slider_adapters",
     "generate",
     "load_adapters",
     "parse_adapter_arg",
+    "evaluate_images",
+    "load_evaluator",
 ]
