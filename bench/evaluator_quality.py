@@ -10,11 +10,12 @@ copies (blur, noise, JPEG: ``degraded``).
 from __future__ import annotations
 
 import argparse
-import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
 
 from zipq_core import evaluate, world
 
@@ -49,11 +50,7 @@ def main() -> None:
     res["heldout"] = measure(a.n // 2, a.seed + 1, True)
     res["degraded"] = measure(a.n // 2, a.seed + 2, "any", degraded=True)
     res["seconds"] = round(time.time() - t0, 1)
-    text = json.dumps(res, indent=1)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    emit_json(res, Path(a.out) if a.out else None)
 
 
 if __name__ == "__main__":

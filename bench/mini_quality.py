@@ -10,9 +10,10 @@ the offline evaluator scores them. JSON keys: ``subject_acc``, ``style_acc``, ``
 from __future__ import annotations
 
 import argparse
-import json
+from pathlib import Path
 
 import torch
+from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
 
 from zipq_core import evaluate, mini
 
@@ -58,11 +59,7 @@ def main() -> None:
         save_grid(r["images"][:32], r["prompts"][:32], a.grid)
     res = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k not in ("images", "prompts")}
     res.update(steps=a.steps, guidance=a.guidance, threads=a.threads)
-    text = json.dumps(res, indent=1)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    emit_json(res, Path(a.out) if a.out else None)
 
 
 if __name__ == "__main__":
