@@ -748,11 +748,14 @@ def noun_choices(kind: str, is_mini: bool, guess: str | None = None) -> list[str
 
 
 def gallery_of(image_set: ImageSet) -> list[tuple]:
-    return [(t.image, t.name) for t in image_set.images]
+    """Training views labelled with the caption each one trains (a `.txt` sidecar's words included)."""
+    return [(t.image, f"{t.name}: {t.caption}") for t in image_set.images]
 
 
 def example_files(group: str, name: str) -> list[str]:
-    return [str(p) for p in sorted((EXAMPLES / group / name).glob("*.png"))]
+    """An example set's images and their caption sidecars (`<i>.txt`, read by the data stage)."""
+    folder = EXAMPLES / group / name
+    return [str(p) for p in sorted(folder.glob("*.png")) + sorted(folder.glob("*.txt"))]
 
 
 def stored_views(paths: SessionPaths, kind: str) -> list | None:

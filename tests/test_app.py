@@ -53,7 +53,9 @@ def test_whole_flow_examples_train_merge_generate(client, server):
     session = client.predict(api_name="/new_session")
     filled = client.predict(session, "heart", "zigzag", api_name="/load_examples")
     subject_gallery, subject_notes, token, noun, style_gallery, _, style_token, _, prompt = filled
-    assert len(subject_gallery) == 5 and len(style_gallery) == 3 and "5 images ready" in subject_notes
+    assert len(subject_gallery) == 5 and len(style_gallery) == 4 and "5 images ready" in subject_notes
+    # The examples' caption sidecars reach training: each view is labelled with the caption it trains.
+    assert subject_gallery[0]["caption"] == "0.png: a photo of sks heart, with a flat fill"
     assert (token, noun, style_token) == ("sks", "heart", "zkz")
     assert prompt == "a photo of sks heart in zkz style"
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from zipq_core import GenerateConfig, TrainConfig, ZipqError, generate, load_adapter, load_base, train_adapter
+from zipq_core.config import parse_targets
 from zipq_core.data import DataConfig, prepare_images
+from zipq_core.train import sample_timesteps
 
 
 def _images(folder, cfg: TrainConfig):
@@ -115,10 +117,46 @@ def test_prior_preservation_generates_and_uses_class_images(mini, subject_dir, t
 
 
 @pytest.mark.parametrize("bad", [dict(rank=0), dict(steps=0), dict(token="two words"), dict(resolution=65),
-                                 dict(method="loha"), dict(prior_preservation=True, class_noun="")])
+                                 dict(method="loha"), dict(prior_preservation=True, class_noun=""),
+                                 dict(timestep_bias="early")])
 def test_config_errors_say_what_to_change(bad):
     with pytest.raises(ZipqError):
         TrainConfig(**bad)
+
+
+def test_timestep_bias_skews_the_draws_toward_its_noise_levels():
+    """low_noise: 1/√2 of the draws in the lower half (t = u²·T); high_noise the mirror image; all within [0, T)."""
+    draws = {bias: sample_timesteps(1000, 20_000, bias, torch.Generator().manual_seed(0))
+             for bias in ("uniform", "low_noise", "high_noise")}
+    lower_half = {bias: float((t < 500).float().mean()) for bias, t in draws.items()}
+    assert abs(lower_half["uniform"] - 0.5) < 0.02
+    skew = 2 ** -0.5
+    assert abs(lower_half["low_noise"] - skew) < 0.01 and abs(lower_half["high_noise"] - (1 - skew)) < 0.01
+    assert all(int(t.min()) >= 0 and int(t.max()) <= 999 for t in draws.values())
+    again = sample_timesteps(1000, 20_000, "low_noise", torch.Generator().manual_seed(0))
+    assert torch.equal(again, draws["low_noise"])
+
+
+def test_auto_timestep_bias_follows_the_kind():
+    assert TrainConfig(kind="subject").noise_bias == "high_noise"
+    assert TrainConfig(kind="style").noise_bias == "low_noise"
+    assert TrainConfig(kind="style", timestep_bias="uniform").noise_bias == "uniform"
+
+
+def test_target_presets_and_lists():
+    assert parse_targets("attention") == ("to_q", "to_k", "to_v", "to_out.0")
+    assert parse_targets("full") == TrainConfig().target_modules and "conv1" in parse_targets("full")
+    assert parse_targets(" to_q, to_v ,") == ("to_q", "to_v")
+
+
+def test_full_targets_adapt_the_resnet_convolutions(mini, subject_dir, tmp_path):
+    """The default targets reach the 16×16 latent level, which has no attention on mini (texture lives there)."""
+    cfg = TrainConfig(class_noun="thing", steps=2)
+    _run(mini, subject_dir, cfg, tmp_path / "a")
+    layers = load_adapter(tmp_path / "a").layers
+    conv = layers["unet.up_blocks.2.resnets.0.conv1"]
+    assert conv.down.dim() == 4 and conv.magnitude is not None
+    assert "unet.mid_block.attentions.0.transformer_blocks.0.ff.net.2" in layers
 
 
 @pytest.mark.slow

@@ -80,3 +80,30 @@ def test_render_dataset_and_labels():
     assert imgs.shape == (5, 64, 64, 3)
     lab = world.labels(scenes)
     assert [world.ALL_SUBJECTS[i] for i in lab["subject"]] == [s.subject for s in scenes]
+
+
+def test_bundled_examples_match_their_scenes_and_captions():
+    """assets/examples is what scripts/render_examples.py renders: held-out concepts, sidecars naming the rest."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from zipq_core.data import prepare_images
+
+    root = Path(__file__).resolve().parents[1] / "assets" / "examples"
+    for kind, names in (("subjects", world.HELDOUT_SUBJECTS), ("styles", world.HELDOUT_STYLES)):
+        for name in names:
+            folder = root / kind / name
+            scenes = [world.Scene(**s) for s in json.loads((folder / "scenes.json").read_text())]
+            assert (len(scenes) == 5) if kind == "subjects" else (len(scenes) == 4)
+            for i, scene in enumerate(scenes):
+                assert (scene.subject if kind == "subjects" else scene.style) == name
+                rendered = np.asarray(world.render(scene), dtype=np.int16)
+                assert np.abs(rendered - np.asarray(Image.open(folder / f"{i}.png"), dtype=np.int16)).max() <= 1
+            captions = [t.caption for t in prepare_images(folder, "a photo of sks thing", token="sks").images]
+            if kind == "subjects":  # the rendering is named, so the adapter binds the shape to the token
+                assert captions[0] == f"a photo of sks thing, with {world.STYLE_WORDS[scenes[0].style][1]}"
+            else:  # the things pictured are named, so the adapter binds the look to the token
+                assert all(world.SUBJECT_WORDS[s.subject][0] in c and s.colour in c for s, c in zip(scenes, captions))

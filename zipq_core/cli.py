@@ -25,7 +25,7 @@ def _add_base_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import DEFAULT_TARGETS
+    from .config import TARGET_PRESETS, TIMESTEP_BIASES
 
     parser = argparse.ArgumentParser(prog="python -m zipq_core", description="ZipQDoRA Studio core: train subject "
                                      "and style adapters, merge them, generate, evaluate.")
@@ -40,8 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", choices=["dora", "lora"], default="dora")
     t.add_argument("--rank", type=int, default=8)
     t.add_argument("--alpha", type=float, default=None, help="default: = rank")
-    t.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="comma-separated module suffixes")
-    t.add_argument("--lr", type=float, default=1e-3, help="learning rate (1e-4 is usual for SDXL)")
+    t.add_argument("--targets", default="full", help=f"a preset ({', '.join(TARGET_PRESETS)}) or comma-separated "
+                   "module suffixes (default: full; 'attention' is the usual SDXL choice)")
+    t.add_argument("--lr", type=float, default=3e-3, help="learning rate (mini: 3e-3; 1e-4 is usual for SDXL)")
+    t.add_argument("--timestep-bias", choices=TIMESTEP_BIASES, default="auto",
+                   help="noise levels to favour (auto: high_noise for a subject, low_noise for a style)")
     t.add_argument("--steps", type=int, default=200)
     t.add_argument("--batch", type=int, default=2)
     t.add_argument("--resolution", type=int, default=None, help="default: the base model's native size")
@@ -118,17 +121,17 @@ class _Bar:
 
 def cmd_train(args: argparse.Namespace) -> dict:
     from .base import load_base
-    from .config import TrainConfig
+    from .config import TrainConfig, parse_targets
     from .data import DataConfig, prepare_images
     from .train import train_adapter
 
     base = load_base(args.base, args.device or _launched_device(), args.dtype)
     resolution = args.resolution or base.default_size
     cfg = TrainConfig(kind=args.kind, token=args.token, class_noun=args.class_noun, method=args.method,
-                      rank=args.rank, alpha=args.alpha, target_modules=tuple(s for s in args.targets.split(",") if s),
+                      rank=args.rank, alpha=args.alpha, target_modules=parse_targets(args.targets),
                       learning_rate=args.lr, steps=args.steps, batch_size=args.batch, resolution=resolution,
                       seed=args.seed, prior_preservation=args.prior_preservation, quantize_base=args.quantize_base,
-                      checkpoint_every=args.checkpoint_every)
+                      checkpoint_every=args.checkpoint_every, timestep_bias=args.timestep_bias)
     images = prepare_images(args.images, cfg.instance_prompt, DataConfig(resolution=resolution), token=cfg.token)
     for r in images.rejected:
         print(f"skipped {r.name}: {r.reason}", file=sys.stderr)

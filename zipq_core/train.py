@@ -365,7 +365,7 @@ def _train_step(base, unet, scheduler, data: _Batchable, prior: _Batchable | Non
         prior_latents, prior_cond = prior.draw(base, cfg.batch_size, generator)
         latents, cond = torch.cat([latents, prior_latents]), cond.cat(prior_cond)
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    t = sample_timesteps(scheduler.config.num_train_timesteps, latents.shape[0], cfg.noise_bias, generator)
     t = t.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
     dtype = _compute_dtype(unet)
@@ -378,6 +378,20 @@ def _train_step(base, unet, scheduler, data: _Batchable, prior: _Batchable | Non
         return F.mse_loss(pred, target)
     n = cfg.batch_size
     return F.mse_loss(pred[:n], target[:n]) + cfg.prior_weight * F.mse_loss(pred[n:], target[n:])
+
+
+def sample_timesteps(num_train_timesteps: int, n: int, bias: str, generator: torch.Generator) -> torch.Tensor:
+    """n training timesteps in [0, T): uniform, or skewed toward low noise (density ∝ 1/√t) or high noise.
+
+    A skew is u², u uniform: P(t < T/2) = P(u < 1/√2) ≈ 71 % of the draws then fall in the lower half of the
+    range, without ever excluding the rest (as diffusers' SDXL script's timestep bias strategies do).
+    """
+    u = torch.rand(n, generator=generator)
+    if bias == "low_noise":
+        u = u.square()
+    elif bias == "high_noise":
+        u = 1 - (1 - u).square()
+    return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
 
 
 def _compute_dtype(unet: torch.nn.Module) -> torch.dtype:
