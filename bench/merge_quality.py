@@ -13,7 +13,6 @@ Usage: python bench/merge_quality.py [--pairs 4] [--seeds 3] [--steps 300] [--ou
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -21,17 +20,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
+from common import ROOT, emit_json  # first: it puts the checkout on the import path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-
-from zipq_core import GenerateConfig, TrainConfig, generate, load_adapter, load_base, train_adapter  # noqa: E402
-from zipq_core.adapters import save_adapter  # noqa: E402
-from zipq_core.data import DataConfig, ImageSet, TrainingImage, prepare_images  # noqa: E402
-from zipq_core.evaluate import load_evaluator, prompt_adherence, style_fidelity, subject_fidelity  # noqa: E402
-from zipq_core.merge import MergeConfig, merge_adapters, slider_adapters  # noqa: E402
-from zipq_core.quantize import save_adapter_int8  # noqa: E402
+from zipq_core import GenerateConfig, TrainConfig, generate, load_adapter, load_base, train_adapter
+from zipq_core.adapters import save_adapter
+from zipq_core.data import DataConfig, prepare_images
+from zipq_core.evaluate import load_evaluator, prompt_adherence, style_fidelity, subject_fidelity
+from zipq_core.merge import MergeConfig, merge_adapters, slider_adapters
+from zipq_core.quantize import save_adapter_int8
 
 EXAMPLES = ROOT / "assets" / "examples"
 PAIRS = [("heart", "hatching"), ("moon", "grid"), ("arrow", "zigzag"), ("bolt", "bullseye"),
@@ -39,25 +35,12 @@ PAIRS = [("heart", "hatching"), ("moon", "grid"), ("arrow", "zigzag"), ("bolt", 
 METHODS = ["subject_only", "style_only", "direct", "zip", "zipq", "zipq_int8", "ties", "dare", "blora"]
 
 
-def style_images(style: str, token: str) -> ImageSet:
-    """The style examples captioned with what each pictures ("an orange star in zkz style")."""
-    folder = EXAMPLES / "styles" / style
-    scenes = json.loads((folder / "scenes.json").read_text())
-    prepared = prepare_images(folder, f"a picture in {token} style", DataConfig(), token=token)
-    by_name = {f"{i}.png": s for i, s in enumerate(scenes)}
-    images = [TrainingImage(t.name, t.image, f"a {by_name[t.name]['colour']} {by_name[t.name]['subject']} in "
-                            f"{token} style") for t in prepared.images]
-    return ImageSet(images=images, rejected=prepared.rejected)
-
-
 def train(base, kind: str, name: str, method: str, steps: int, seed: int, lr: float, out: Path) -> Path:
+    """Train an adapter on an example set with the core's defaults; captions come from the sidecar files."""
     token = "sks" if kind == "subject" else "zkz"
     cfg = TrainConfig(kind=kind, token=token, class_noun=name if kind == "subject" else "picture", method=method,
                       steps=steps, seed=seed, learning_rate=lr)
-    if kind == "subject":
-        images = prepare_images(EXAMPLES / "subjects" / name, cfg.instance_prompt, DataConfig(), token=token)
-    else:
-        images = style_images(name, token)
+    images = prepare_images(EXAMPLES / f"{kind}s" / name, cfg.instance_prompt, DataConfig(), token=token)
     for _ in train_adapter(base, images, cfg, out):
         pass
     return out
@@ -143,7 +126,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=300, help="training steps per adapter")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
     parser.add_argument("--merge-steps", type=int, default=100)
     parser.add_argument("--merge-lr", type=float, default=3e-3)
     parser.add_argument("--images", type=int, default=8, help="images generated per method and run")

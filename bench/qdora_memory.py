@@ -16,15 +16,13 @@ import sys
 import time
 from pathlib import Path
 
-from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
+from common import ROOT, emit_json  # first: it puts the checkout on the import path
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [(p, m) for p in ("fp32", "bf16", "int8", "nf4") for m in ("dora", "lora")]
 
 
 def worker(base_spec: str, precision: str, method: str, steps: int) -> dict:
     """Train `steps` steps in this process and report its numbers."""
-    sys.path.insert(0, str(ROOT))
     import tempfile
 
     import torch
