@@ -8,9 +8,13 @@ Stages (run in this order; each resumes where it stopped; see scripts/README_min
     unet   train both CLIP text encoders and the UNet jointly (EMA; captions dropped to all-zero text
            inputs 10 % of the time, matching the pipeline's force_zeros_for_empty_prompt); refuses to start
            unless the gate passed (--force skips that, for tests)
+    decoder  fine-tune the VAE decoder alone, the encoder frozen (so the latents and the UNet stay valid), on
+           base renders half of which are redrawn in generic textures (world.generic_pattern): a better codec
+           for textures the base never drew, which is what personalised styles need
     eval   generate from seeded in-distribution prompts and score them with the evaluator
 
-Only base subjects and styles are used: the held-out ones stay unseen. fp16 weights (EMA for the UNet and text
+Only base subjects and styles are used: the held-out ones stay unseen (the decoder stage's generic textures
+are not styles of the world and are never the held-out styles' renderer). fp16 weights (EMA for the UNet and text
 encoders) go to --out (``assets/mini``, what the app loads) every --checkpoint-minutes; the exact fp32 state
 (weights, EMA, optimizer, step) goes to --state (git-ignored). Resuming from --out alone (a fresh clone) works
 too, with a fresh optimizer. Every --eval-minutes the EMA model's generations are scored and appended to
@@ -66,6 +70,7 @@ class RecipeConfig:
     drop_caption: float = 0.1
     kl_weight: float = 1e-6
     feat_weight: float = 0.5
+    generic_share: float = 0.5  # decoder stage: share of each batch drawn in generic textures
     evaluator: str | None = None  # None = assets/evaluator
     force: bool = False  # unet: start even when the VAE gate has not passed
     stop_when_gated: bool = False  # vae: run the gate at every checkpoint and stop once it passes
@@ -179,15 +184,38 @@ def set_scaling_factor(vae, imgs: np.ndarray) -> float:
     return sf
 
 
-def train_vae(cfg: RecipeConfig):
-    """Generator of step records while training the VAE; checkpoints and gates at the end."""
+def autoencoder_batch(cfg: RecipeConfig, imgs: np.ndarray, rng: np.random.Generator, generic: bool) -> torch.Tensor:
+    """A training batch: cached base renders, with ``cfg.generic_share`` of them redrawn in generic textures.
+
+    The generic share (``world.generic_pattern``) only serves the decoder stage: base shapes, colours and
+    backgrounds in gratings, plaids, rings and waves of any angle and period, so the decoder learns to draw
+    patterns in general instead of the six base textures only.
+    """
+    batch = imgs[rng.integers(0, len(imgs), cfg.batch)].copy()
+    if generic:
+        for i in np.flatnonzero(rng.random(cfg.batch) < cfg.generic_share):
+            batch[i] = np.asarray(world.render(world.sample_scene(rng), world.generic_pattern(rng)))
+    return to_x(batch)
+
+
+def train_vae(cfg: RecipeConfig, stage: str = "vae"):
+    """Generator of step records while training the VAE (stage "vae") or its decoder alone ("decoder").
+
+    The decoder stage freezes the encoder, so the latents, their scaling factor and the UNet trained on them
+    stay valid: it can run after the UNet to make the decoder a better image codec (DESIGN §9).
+    """
     imgs, _ = load_data(cfg)
     pipe = load_pipeline(cfg)
     vae = pipe.vae.float().train()
+    decoder_only = stage == "decoder"
+    if decoder_only:
+        vae.encoder.requires_grad_(False).eval()
+        vae.quant_conv.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
     ev = load_ev(cfg)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
-    state_path = Path(cfg.state) / "vae.pt"
-    step, minutes = read_progress(cfg, "vae").get("step", 0), read_progress(cfg, "vae").get("minutes", 0.0)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    state_path = Path(cfg.state) / f"{stage}.pt"
+    step, minutes = read_progress(cfg, stage).get("step", 0), read_progress(cfg, stage).get("minutes", 0.0)
     if state_path.is_file():
         st = torch.load(state_path, weights_only=False)
         vae.load_state_dict(st["vae"])
@@ -197,39 +225,42 @@ def train_vae(cfg: RecipeConfig):
 
     def checkpoint() -> None:
         vae.eval()
-        set_scaling_factor(vae, imgs)
+        if not decoder_only:
+            set_scaling_factor(vae, imgs)
         mini.save_mini(pipe, cfg.out)
         m = (time.time() - t0) / 60
-        write_progress(cfg, "vae", step=step, minutes=m)
+        write_progress(cfg, stage, step=step, minutes=m)
         save_state(state_path, vae=vae.state_dict(), opt=opt.state_dict(), step=step, minutes=m)
         vae.train()
+        if decoder_only:
+            vae.encoder.eval()
 
     start = step
     while step < cfg.max_steps and (time.time() - t0) / 60 < cfg.max_minutes:
-        rng, gen = step_rng(cfg, 0, step)
-        x = to_x(imgs[rng.integers(0, len(imgs), cfg.batch)])
+        rng, gen = step_rng(cfg, 2 if decoder_only else 0, step)
+        x = autoencoder_batch(cfg, imgs, rng, generic=decoder_only)
         loss, parts = vae_loss(vae, ev, x, gen, cfg)
         for g in opt.param_groups:
             g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        yield {"stage": "vae", "step": step, "loss": float(loss.detach()), **parts,
+        yield {"stage": stage, "step": step, "loss": float(loss.detach()), **parts,
                "minutes": (time.time() - t0) / 60}
         if time.time() - last_ckpt > cfg.checkpoint_minutes * 60:
             checkpoint()
             last_ckpt = time.time()
-            if cfg.stop_when_gated:
+            if cfg.stop_when_gated and not decoder_only:
                 gate = run_gate(cfg, vae.eval())
                 vae.train()
-                yield {"stage": "vae", "step": step, "gate": gate}
+                yield {"stage": stage, "step": step, "gate": gate}
                 if gate["passed"]:
                     return
     if step > start or not (Path(cfg.out) / "model_index.json").is_file():
         checkpoint()
-    yield {"stage": "vae", "step": step, "gate": run_gate(cfg, vae.eval())}
+    yield {"stage": stage, "step": step, "gate": run_gate(cfg, vae.eval())}
 
 
 def run_gate(cfg: RecipeConfig, vae=None) -> dict:
@@ -445,7 +476,7 @@ def run(stage: str, cfg: RecipeConfig, log_every: int = 50) -> list[dict]:
         r = {k: v for k, v in r.items() if k not in ("images", "prompts")}
         log_line(cfg, f"eval {json.dumps(r)}")
         return [r]
-    gen = train_vae(cfg) if stage == "vae" else train_unet(cfg)
+    gen = train_unet(cfg) if stage == "unet" else train_vae(cfg, stage)
     out, acc, n = [], 0.0, 0
     for rec in gen:
         if "loss" in rec:
@@ -462,7 +493,7 @@ def run(stage: str, cfg: RecipeConfig, log_every: int = 50) -> list[dict]:
 
 def parse_args(argv: list[str] | None = None) -> tuple[str, RecipeConfig, int]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=["vae", "gate", "unet", "eval"])
+    ap.add_argument("stage", choices=["vae", "gate", "unet", "decoder", "eval"])
     for k, v in asdict(RecipeConfig()).items():
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):

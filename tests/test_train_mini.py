@@ -43,7 +43,34 @@ def test_all_stages_tiny(tmp_path, recipe):
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "mini"), dtype=torch.float32,
-                                                     local_files_only=True)
+    load = lambda: StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "mini"), dtype=torch.float32,
+                                                             local_files_only=True)
+    pipe = load()
     assert pipe.unet.config.in_channels == pipe.vae.config.latent_channels
     assert (tmp_path / "log" / "train.log").is_file()
+
+    # decoder: the encoder, the latent scale and the UNet stay exactly as they were; only the decoder moves
+    res = recipe.main(["decoder", "--max-steps", "2", "--gate-n", "4", *common])
+    assert {"base", "heldout", "passed"} <= set(res[-1]["gate"])
+    after = load()
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert same(pipe.vae.encoder, after.vae.encoder) and same(pipe.unet, after.unet)
+    assert after.vae.config.scaling_factor == pipe.vae.config.scaling_factor
+    assert not same(pipe.vae.decoder, after.vae.decoder)
+    recipe.main(["decoder", "--max-steps", "3", "--gate-n", "4", *common])  # resumes from its own state
+    assert json.loads((tmp_path / "mini" / "mini_train.json").read_text())["decoder"]["step"] == 3
+
+
+def test_generic_patterns_are_two_tone_and_vary():
+    """The decoder stage's textures: binary masks on the supersampled grid, different draw to draw."""
+    import numpy as np
+
+    from zipq_core import world
+
+    rng = np.random.default_rng(0)
+    patterns = [world.generic_pattern(rng) for _ in range(8)]
+    assert all(p.shape == (256, 256) and set(np.unique(p)) <= {0.0, 1.0} for p in patterns)
+    assert all(0.05 < p.mean() < 0.95 for p in patterns)  # both tones present
+    assert len({p.tobytes() for p in patterns}) == 8
+    scene = world.sample_scene(rng)
+    assert world.render(scene, patterns[0]).size == (64, 64)

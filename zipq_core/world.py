@@ -241,6 +241,41 @@ def _pattern(style: str, mask: np.ndarray, scene: Scene) -> np.ndarray:
     raise ValueError(f"unknown style {style!r}; known: {ALL_STYLES}")
 
 
+GENERIC_PATTERNS: tuple[str, ...] = ("grating", "plaid", "rings", "wave")
+
+
+def generic_pattern(rng: np.random.Generator) -> np.ndarray:
+    """A random two-tone texture from a generic family, for training the image codec (the VAE decoder).
+
+    Gratings, plaids, rings and wavy gratings at a random angle, period (6-14 px), duty cycle and centre.
+    They are not styles of the world (no words name them; the UNet never trains on them): they teach the
+    decoder oriented and curved high-frequency patterns in general, as a real VAE learns them from natural
+    images, so that a texture a user brings can be decoded once an adapter has learned to draw it. The
+    held-out styles' own renderer is never used for this.
+
+    Returns:
+        (256, 256) float32 in [0, 1] on the supersampled grid (1 = main colour), like ``_pattern``.
+    """
+    n = SIZE * _SS
+    yy, xx = (np.mgrid[0:n, 0:n].astype(np.float32) + 0.5) / _SS
+    kind = GENERIC_PATTERNS[int(rng.integers(len(GENERIC_PATTERNS)))]
+    angle, period, duty = rng.uniform(0, math.pi), rng.uniform(6, 14), rng.uniform(0.25, 0.75)
+    u = xx * math.cos(angle) + yy * math.sin(angle)  # coordinate across the lines
+    if kind == "grating":
+        on = (u / period) % 1 < duty
+    elif kind == "plaid":
+        other = angle + rng.uniform(math.pi / 4, 3 * math.pi / 4)
+        on = ((u / period) % 1 < duty) & (((xx * math.cos(other) + yy * math.sin(other)) / period) % 1 < duty)
+    elif kind == "rings":
+        cx, cy = rng.uniform(0, SIZE, 2)
+        on = (np.hypot(xx - cx, yy - cy) / period) % 1 < duty
+    else:  # wave: a grating displaced by a sine along the lines
+        v = -xx * math.sin(angle) + yy * math.cos(angle)
+        amplitude, wavelength = rng.uniform(1, 4), rng.uniform(6, 16)
+        on = ((u + amplitude * np.sin(2 * math.pi * v / wavelength)) / period) % 1 < duty
+    return on.astype(np.float32)
+
+
 def _outline(mask: np.ndarray, width_px: float = 3.0) -> np.ndarray:
     """The band of ``mask`` within ``width_px`` output pixels of its edge."""
     img = Image.fromarray((mask * 255).astype(np.uint8))
@@ -256,11 +291,13 @@ def _second_tone(colour: np.ndarray, background: np.ndarray) -> np.ndarray:
     return colour * 0.5
 
 
-def render(scene: Scene) -> Image.Image:
+def render(scene: Scene, pattern: np.ndarray | None = None) -> Image.Image:
     """Draw a scene.
 
     Args:
         scene: What to draw.
+        pattern: Replaces the style's two-tone pattern ((256, 256) in [0, 1], 1 = main colour), e.g. a
+            ``generic_pattern`` for codec training; None draws ``scene.style``.
 
     Returns:
         A 64x64 RGB PIL image (deterministic: same scene, same pixels).
@@ -268,11 +305,11 @@ def render(scene: Scene) -> Image.Image:
     mask = shape_mask(scene)  # (256, 256)
     colour = np.array(COLOURS[scene.colour], dtype=np.float32)
     bg = np.array(BACKGROUNDS[scene.background], dtype=np.float32)
-    if scene.style == "outline":
+    if pattern is None and scene.style == "outline":
         mask = _outline(mask)
         fill = np.broadcast_to(colour, mask.shape + (3,))
     else:
-        p = _pattern(scene.style, mask, scene)[..., None]  # (256, 256, 1)
+        p = (_pattern(scene.style, mask, scene) if pattern is None else pattern)[..., None]  # (256, 256, 1)
         fill = p * colour + (1 - p) * _second_tone(colour, bg)
     m = mask[..., None]
     img = m * fill + (1 - m) * bg  # (256, 256, 3)
