@@ -118,7 +118,7 @@ def test_prior_preservation_generates_and_uses_class_images(mini, subject_dir, t
 
 @pytest.mark.parametrize("bad", [dict(rank=0), dict(steps=0), dict(token="two words"), dict(resolution=65),
                                  dict(method="loha"), dict(prior_preservation=True, class_noun=""),
-                                 dict(timestep_bias="early")])
+                                 dict(timestep_bias="early"), dict(target_blocks="middle")])
 def test_config_errors_say_what_to_change(bad):
     with pytest.raises(ZipqError):
         TrainConfig(**bad)
@@ -137,10 +137,22 @@ def test_timestep_bias_skews_the_draws_toward_its_noise_levels():
     assert torch.equal(again, draws["low_noise"])
 
 
-def test_auto_timestep_bias_follows_the_kind():
+def test_auto_timestep_bias_and_blocks_follow_the_kind():
     assert TrainConfig(kind="subject").noise_bias == "high_noise"
-    assert TrainConfig(kind="style").noise_bias == "low_noise"
-    assert TrainConfig(kind="style", timestep_bias="uniform").noise_bias == "uniform"
+    assert TrainConfig(kind="style").noise_bias == "uniform"
+    assert TrainConfig(kind="style", timestep_bias="low_noise").noise_bias == "low_noise"
+    assert TrainConfig(kind="subject").block_prefixes == () and TrainConfig(kind="style").block_prefixes
+    assert TrainConfig(kind="style", target_blocks="all").block_prefixes == ()
+
+
+def test_style_adapter_stays_in_the_decoder_half(mini, style_dir, tmp_path):
+    """'auto' blocks: a style adapter only adapts up_blocks (it cannot redraw the layout); --target-blocks all
+    reaches the encoder half and the mid block too."""
+    for blocks, out in (("auto", tmp_path / "a"), ("all", tmp_path / "b")):
+        _run(mini, style_dir, TrainConfig(kind="style", token="zkz", steps=2, target_blocks=blocks), out)
+    auto, everywhere = load_adapter(tmp_path / "a").layers, load_adapter(tmp_path / "b").layers
+    assert auto and all(k.startswith("unet.up_blocks.") for k in auto)
+    assert set(auto) < set(everywhere) and any(k.startswith("unet.down_blocks.") for k in everywhere)
 
 
 def test_target_presets_and_lists():

@@ -25,7 +25,7 @@ def _add_base_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import TARGET_PRESETS, TIMESTEP_BIASES
+    from .config import TARGET_BLOCKS, TARGET_PRESETS, TIMESTEP_BIASES
 
     parser = argparse.ArgumentParser(prog="python -m zipq_core", description="ZipQDoRA Studio core: train subject "
                                      "and style adapters, merge them, generate, evaluate.")
@@ -43,8 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--targets", default="full", help=f"a preset ({', '.join(TARGET_PRESETS)}) or comma-separated "
                    "module suffixes (default: full; 'attention' is the usual SDXL choice)")
     t.add_argument("--lr", type=float, default=3e-3, help="learning rate (mini: 3e-3; 1e-4 is usual for SDXL)")
+    t.add_argument("--target-blocks", choices=TARGET_BLOCKS, default="auto",
+                   help="UNet blocks to adapt (auto: all for a subject, the decoder half for a style)")
     t.add_argument("--timestep-bias", choices=TIMESTEP_BIASES, default="auto",
-                   help="noise levels to favour (auto: high_noise for a subject, low_noise for a style)")
+                   help="noise levels to favour (auto: high_noise for a subject, uniform for a style)")
     t.add_argument("--steps", type=int, default=200)
     t.add_argument("--batch", type=int, default=2)
     t.add_argument("--resolution", type=int, default=None, help="default: the base model's native size")
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--steps", type=int, default=100, help="learned methods: merger steps (≤ 100 is ZipLoRA's budget)")
     m.add_argument("--lr", type=float, default=3e-3, help="merger learning rate")
     m.add_argument("--lam", type=float, default=0.01, help="λ of the merger-similarity term")
-    m.add_argument("--similarity", choices=["product", "cosine"], default="product",
+    m.add_argument("--similarity", choices=["product", "cosine"], default="cosine",
                    help="merger-similarity term: mean|m_c⊙m_s| (product) or |cos(m_c, m_s)| (ZipLoRA paper)")
     m.add_argument("--subject-weight", type=float, default=1.0)
     m.add_argument("--style-weight", type=float, default=1.0)
@@ -131,7 +133,8 @@ def cmd_train(args: argparse.Namespace) -> dict:
                       rank=args.rank, alpha=args.alpha, target_modules=parse_targets(args.targets),
                       learning_rate=args.lr, steps=args.steps, batch_size=args.batch, resolution=resolution,
                       seed=args.seed, prior_preservation=args.prior_preservation, quantize_base=args.quantize_base,
-                      checkpoint_every=args.checkpoint_every, timestep_bias=args.timestep_bias)
+                      checkpoint_every=args.checkpoint_every, timestep_bias=args.timestep_bias,
+                      target_blocks=args.target_blocks)
     images = prepare_images(args.images, cfg.instance_prompt, DataConfig(resolution=resolution), token=cfg.token)
     for r in images.rejected:
         print(f"skipped {r.name}: {r.reason}", file=sys.stderr)

@@ -16,6 +16,11 @@ Method = Literal["lora", "dora"]
 QuantizeBase = Literal["none", "int8", "nf4"]
 TimestepBias = Literal["auto", "uniform", "low_noise", "high_noise"]
 TIMESTEP_BIASES: tuple[str, ...] = ("auto", "uniform", "low_noise", "high_noise")
+TargetBlocks = Literal["auto", "all", "decoder"]
+TARGET_BLOCKS: tuple[str, ...] = ("auto", "all", "decoder")
+# The UNet's decoder half: where B-LoRA (arXiv 2403.14572) finds SDXL's style block, and on mini the blocks that
+# draw texture. A style adapter kept there cannot redraw the layout, so it composes with a subject adapter.
+DECODER_BLOCKS: tuple[str, ...] = ("up_blocks.",)
 
 ATTENTION_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
 FEED_FORWARD_TARGETS: tuple[str, ...] = ("ff.net.0.proj", "ff.net.2")
@@ -61,10 +66,15 @@ class TrainConfig:
     resolution: int = field(default=64, metadata={"help": "Training resolution in pixels (multiple of 8)."})
     seed: int = field(default=0, metadata={"help": "Seed for noise, timesteps and batches: same seed, same adapter."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear learning-rate warm-up steps."})
+    target_blocks: TargetBlocks = field(default="auto", metadata={
+        "help": "Which UNet blocks the target modules are taken from. 'auto': all of them for a subject, the "
+                "decoder half (up_blocks) for a style; 'all'; 'decoder'. On mini a decoder-half style adapter "
+                "textures unseen shapes better and leaves the subject's layout to the subject adapter in a merge "
+                "(direct-merge subject fidelity 0.73 -> 0.82 at equal style; see bench/personalization.py)."})
     timestep_bias: TimestepBias = field(default="auto", metadata={
         "help": "Which noise levels training favours. 'auto': 'high_noise' for a subject (its shape is laid out "
-                "early in sampling), 'low_noise' for a style (texture and detail form late); 'uniform' is "
-                "DreamBooth's. Each adapter then learns its own part, so the two compose better when merged."})
+                "early in sampling), 'uniform' (DreamBooth's) for a style: on mini a style's texture is decided "
+                "at every noise level, and 'low_noise' lowered held-out style accuracy (0.91 -> 0.78)."})
     flip: bool = field(default=True, metadata={"help": "Also train on mirrored images (off for text/logos)."})
     prior_preservation: bool = field(default=False, metadata={"help": "DreamBooth prior preservation."})
     prior_weight: float = field(default=1.0, metadata={"help": "Weight of the prior-preservation loss."})
@@ -87,6 +97,8 @@ class TrainConfig:
                f"resolution must be a multiple of 8 between 64 and 2048, not {self.resolution}.")
         _check(0 <= self.warmup_steps < self.steps, "warm-up steps must be fewer than the training steps.")
         _check(self.prior_weight >= 0, "prior weight must be ≥ 0.")
+        _check(self.target_blocks in TARGET_BLOCKS,
+               f"target blocks must be one of {', '.join(TARGET_BLOCKS)}, not {self.target_blocks!r}.")
         _check(self.timestep_bias in TIMESTEP_BIASES,
                f"timestep bias must be one of {', '.join(TIMESTEP_BIASES)}, not {self.timestep_bias!r}.")
         _check(1 <= self.num_class_images <= 1000, "number of class images must be between 1 and 1000.")
@@ -106,7 +118,15 @@ class TrainConfig:
         """The timestep bias in effect ('auto' resolved by kind)."""
         if self.timestep_bias != "auto":
             return self.timestep_bias
-        return "high_noise" if self.kind == "subject" else "low_noise"
+        return "high_noise" if self.kind == "subject" else "uniform"
+
+    @property
+    def block_prefixes(self) -> tuple[str, ...]:
+        """UNet module-path prefixes the adapter is limited to (empty: every block); 'auto' resolved by kind."""
+        blocks = self.target_blocks
+        if blocks == "auto":
+            blocks = "all" if self.kind == "subject" else "decoder"
+        return DECODER_BLOCKS if blocks == "decoder" else ()
 
     @property
     def instance_prompt(self) -> str:

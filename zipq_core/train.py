@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -93,8 +94,18 @@ def class_images(base: BaseModel, cfg: TrainConfig, cache_dir: Path) -> list[Ima
 def lora_config(cfg: TrainConfig):
     from peft import LoraConfig
 
-    return LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.target_modules),
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha, target_modules=peft_targets(cfg),
                       use_dora=cfg.method == "dora", init_lora_weights="gaussian", lora_dropout=0.0)
+
+
+def peft_targets(cfg: TrainConfig) -> list[str] | str:
+    """peft's `target_modules`: the suffix list, or, limited to some blocks, one regex that peft full-matches
+    against each module path ("up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")."""
+    if not cfg.block_prefixes:
+        return list(cfg.target_modules)
+    blocks = "|".join(re.escape(b) for b in cfg.block_prefixes)
+    suffixes = "|".join(re.escape(t) for t in cfg.target_modules)
+    return rf"(?:{blocks}).*\.(?:{suffixes})"
 
 
 def adapter_from_peft(state: dict[str, torch.Tensor], cfg: TrainConfig, prefix: str = "unet") -> Adapter:
@@ -120,7 +131,9 @@ def _inject(unet: torch.nn.Module, cfg: TrainConfig) -> list[torch.nn.Parameter]
     try:
         unet.add_adapter(lora_config(cfg), adapter_name=ADAPTER_NAME)
     except ValueError as e:
-        raise ZipqError(f"None of the target modules {list(cfg.target_modules)} exist in this UNet: {e}") from e
+        where = f" within {', '.join(cfg.block_prefixes)}" if cfg.block_prefixes else ""
+        raise ZipqError(f"None of the target modules {list(cfg.target_modules)} exist{where} in this UNet: {e}. "
+                        "Choose other targets (or --target-blocks all).") from e
     params = [p for n, p in unet.named_parameters() if ADAPTER_NAME in n]
     for p in params:
         p.data = p.data.float()
