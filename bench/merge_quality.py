@@ -5,7 +5,8 @@ ZipLoRA) with the core's train function, merge with every method, generate "<sub
 token> style" images and score them with the offline evaluator. Prints and writes JSON:
 
     methods.<name>.{subject_fidelity, style_fidelity, prompt_adherence, merge_seconds, adapter_bytes, …}
-    int8_size_ratio, settings, per_run
+    int8_size_ratio, int8_image_mean_abs_diff / _max_abs_diff (INT8 vs float ZipQDoRA images, 0–255),
+    settings, per_run
 
 Usage: python bench/merge_quality.py [--pairs 4] [--seeds 3] [--steps 300] [--out FILE] [--markdown FILE]
 """
@@ -67,7 +68,7 @@ def run_pair(base, evaluator, subject: str, style: str, seed: int, args, work: P
     for kind in ("subject", "style"):
         save_adapter_int8(load_adapter(dirs[f"{kind}_dora"]), work / f"{kind}_int8")
     prompt = f"a photo of sks {subject} in zkz style"
-    results = {}
+    results, images_of = {}, {}
     for method in METHODS:
         started = time.time()
         if method in ("subject_only", "style_only"):
@@ -89,12 +90,22 @@ def run_pair(base, evaluator, subject: str, style: str, seed: int, args, work: P
             adapters = slider_adapters(out, 1.0, 1.0)
         images = generate(base, GenerateConfig(prompt=prompt, seed=1000 * seed, steps=20, num_images=args.images),
                           adapters)
+        images_of[method] = images
         results[method] = {**score(images, subject, style, evaluator), "merge_seconds": seconds,
                            "adapter_bytes": size}
         results[method]["wall_seconds"] = time.time() - started
     fp16 = save_adapter(load_adapter(dirs["subject_dora"]), work / "subject_fp16", dtype=torch.float16).stat().st_size
     int8 = (work / "subject_int8" / "pytorch_lora_weights.safetensors").stat().st_size
-    return {"subject": subject, "style": style, "seed": seed, "methods": results, "int8_size_ratio": int8 / fp16}
+    return {"subject": subject, "style": style, "seed": seed, "methods": results, "int8_size_ratio": int8 / fp16,
+            **image_difference(images_of["zipq"], images_of["zipq_int8"])}
+
+
+def image_difference(a: list, b: list) -> dict:
+    """Pixel difference of two image lists made with the same seeds (uint8 units, 0–255)."""
+    import numpy as np
+
+    diff = np.abs(np.stack([np.asarray(x, np.int16) for x in a]) - np.stack([np.asarray(x, np.int16) for x in b]))
+    return {"int8_image_mean_abs_diff": float(diff.mean()), "int8_image_max_abs_diff": float(diff.max())}
 
 
 def _copy_views(src: Path, dst: Path) -> None:
@@ -109,7 +120,8 @@ def aggregate(runs: list[dict]) -> dict:
     for method in METHODS:
         rows = [r["methods"][method] for r in runs]
         methods[method] = {k: statistics.fmean(row[k] for row in rows) for k in rows[0]}
-    return {"methods": methods, "int8_size_ratio": statistics.fmean(r["int8_size_ratio"] for r in runs)}
+    means = {k: statistics.fmean(r[k] for r in runs) for k in ("int8_size_ratio", "int8_image_mean_abs_diff")}
+    return {"methods": methods, **means, "int8_image_max_abs_diff": max(r["int8_image_max_abs_diff"] for r in runs)}
 
 
 def markdown(result: dict) -> str:
@@ -118,7 +130,10 @@ def markdown(result: dict) -> str:
     for name, m in result["methods"].items():
         lines.append(f"| {name} | {m['subject_fidelity']:.3f} | {m['style_fidelity']:.3f} | "
                      f"{m['prompt_adherence']:.3f} | {m['merge_seconds']:.1f} | {int(m['adapter_bytes'])} |")
-    return "\n".join(lines) + f"\n\nINT8 / fp16 adapter file size: {result['int8_size_ratio']:.3f}\n"
+    return "\n".join(lines) + (f"\n\nINT8 / fp16 adapter file size: {result['int8_size_ratio']:.3f}. Images from the "
+                               f"INT8 vs the float ZipQDoRA merge (same seeds): mean |Δ| "
+                               f"{result['int8_image_mean_abs_diff']:.2f}, max |Δ| "
+                               f"{result['int8_image_max_abs_diff']:.0f} (of 255).\n")
 
 
 def main() -> None:
