@@ -57,7 +57,7 @@ class MergeConfig:
     steps: int = field(default=100, metadata={"help": "Merger optimisation steps (ZipLoRA: ≤ 100)."})
     learning_rate: float = field(default=3e-3, metadata={"help": "Adam lr for the mergers (no weight decay); "
                                                                  "1e-2 let noisy steps undo the subject on mini."})
-    lam: float = field(default=0.01, metadata={"help": "λ of the merger-similarity term Σ mean|m_c ⊙ m_s|."})
+    lam: float = field(default=0.01, metadata={"help": "λ of the merger-similarity term (summed over layers)."})
     batch_size: int = field(default=2, metadata={"help": "Latents per concept per step."})
     seed: int = 0
     subject_weight: float = field(default=1.0, metadata={"help": "Subject weight (direct/ties/dare)."})
@@ -286,7 +286,7 @@ def _fused_params(pipe, parts: Sequence[Adapter]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _similarity(mergers: _Mergers, kind: str = "product") -> torch.Tensor:
+def _similarity(mergers: _Mergers, kind: str) -> torch.Tensor:
     """Σ over modules of the merger-similarity term.
 
     "product": mean|m_c ⊙ m_s| (DESIGN §7); it also rewards shrinking both mergers.
