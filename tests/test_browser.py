@@ -87,13 +87,14 @@ def test_every_tab_upload_train_reload_merge_generate(page, url, tmp_path):
 
     # Train both, reload mid-training, and find the same jobs' progress on the fresh page.
     open_tab(page, "Train")
-    page.locator("#steps input").fill("40")
+    # Enough steps (≈ 15 s per adapter on one core) that the reload surely lands mid-training.
+    page.locator("#steps input").fill("120")
     page.get_by_role("button", name="Train", exact=True).click()
     page.locator("#train_status").get_by_text(re.compile(r"Subject\*?\*? · running")).wait_for()
     page.reload()
     open_tab(page, "Train")
     status = page.locator("#train_status")
-    status.get_by_text(re.compile(r"step \d+/40")).first.wait_for()
+    status.get_by_text(re.compile(r"step \d+/120")).first.wait_for()
     status.get_by_text(re.compile(r"Style\*?\*? · done")).wait_for()
     assert "Subject · done" in status.inner_text()
     page.wait_for_timeout(1500)  # let the plot and previews draw
@@ -121,6 +122,9 @@ def test_every_tab_upload_train_reload_merge_generate(page, url, tmp_path):
     assert "Traceback" not in page.content()
 
     # The one-click flow (on this session's images): train both, merge, generate; the result shows up top.
+    # It takes its step counts from the Train and Merge tabs: keep them short here.
+    open_tab(page, "Train")
+    page.locator("#steps input").fill("40")
     page.get_by_role("button", name="Run whole flow").click()
     page.locator("#flow_status").get_by_text("Whole flow done").wait_for()
     gallery_images(page, "flow_gallery").nth(3).wait_for()
