@@ -1,0 +1,87 @@
+"""Direct merge vs ZipQDoRA across the strength sliders: does the learned merge move the trade-off outward?
+
+At sliders 1/1 a merge picks one point of the subject ↔ style trade-off; an artist moves the sliders. This
+benchmark trains the subject and style DoRA of each held-out pair exactly as bench/merge_quality.py does (same
+seeds, so its 1/1 numbers reproduce that benchmark's runs), merges them directly and with ZipQDoRA, and scores
+both at a grid of (subject strength, style strength). A merge is better when it reaches more style at the same
+subject fidelity. Prints and writes JSON:
+
+    methods.<direct|zipq>."<subject>/<style>".{subject_fidelity, style_fidelity}   (mean over pairs)
+    settings, per_pair
+
+Usage: python bench/merge_sliders.py [--pairs 4] [--seed 0] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import emit_json  # first: it puts the checkout on the import path
+from merge_quality import PAIRS, score, train
+
+from zipq_core import GenerateConfig, TrainConfig, generate, load_base
+from zipq_core.evaluate import load_evaluator
+from zipq_core.merge import MergeConfig, merge_adapters, slider_adapters
+
+GRID = [(0.8, 1.0), (0.8, 1.25), (1.0, 1.0), (1.0, 1.25), (1.0, 1.5), (1.25, 1.0), (1.25, 1.25), (1.25, 1.5)]
+METHODS = ("direct", "zipq")
+
+
+def run_pair(base, evaluator, subject: str, style: str, args, work: Path) -> dict:
+    """{method: {"s/t": {subject_fidelity, style_fidelity}}} for one pair."""
+    subject_dir = train(base, "subject", subject, "dora", args.steps, args.seed, args.lr, work / "subject")
+    style_dir = train(base, "style", style, "dora", args.steps, args.seed, args.lr, work / "style")
+    prompt = f"a photo of sks {subject} in zkz style"
+    out: dict = {}
+    for method in METHODS:
+        merged = work / method
+        cfg = MergeConfig(method=method, steps=args.merge_steps, learning_rate=args.merge_lr, seed=args.seed)
+        for _ in merge_adapters(base, subject_dir, style_dir, cfg, merged):
+            pass
+        out[method] = {}
+        for s, t in GRID:
+            images = generate(base, GenerateConfig(prompt=prompt, seed=1000 * args.seed, steps=20,
+                                                   num_images=args.images), slider_adapters(merged, s, t))
+            scores = score(images, subject, style, evaluator)
+            out[method][f"{s}/{t}"] = {k: scores[k] for k in ("subject_fidelity", "style_fidelity")}
+    return out
+
+
+def mean_over_pairs(per_pair: list[dict]) -> dict:
+    return {m: {g: {k: statistics.fmean(p["methods"][m][g][k] for p in per_pair)
+                    for k in ("subject_fidelity", "style_fidelity")}
+                for g in per_pair[0]["methods"][m]}
+            for m in METHODS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=300, help="training steps per adapter")
+    parser.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
+    parser.add_argument("--merge-steps", type=int, default=100)
+    parser.add_argument("--merge-lr", type=float, default=3e-3)
+    parser.add_argument("--images", type=int, default=8, help="images generated per method, slider setting and pair")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_grad_enabled(True)
+    base, evaluator = load_base("mini"), load_evaluator()
+    started, per_pair = time.time(), []
+    for subject, style in PAIRS[: args.pairs]:
+        with tempfile.TemporaryDirectory() as tmp:
+            per_pair.append({"subject": subject, "style": style,
+                             "methods": run_pair(base, evaluator, subject, style, args, Path(tmp))})
+        print(f"{subject} × {style}: done at {time.time() - started:.0f} s", file=sys.stderr)
+    emit_json({"methods": mean_over_pairs(per_pair), "settings": vars(args) | {"out": str(args.out)},
+               "seconds": time.time() - started, "per_pair": per_pair}, args.out)
+
+
+if __name__ == "__main__":
+    main()
