@@ -136,16 +136,21 @@ def markdown(result: dict) -> str:
                                f"{result['int8_image_max_abs_diff']:.0f} (of 255).\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=4)
-    parser.add_argument("--seeds", type=int, default=3)
+def add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    """The training, merge and generation settings every merge benchmark shares (and --out)."""
     parser.add_argument("--steps", type=int, default=300, help="training steps per adapter")
     parser.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
     parser.add_argument("--merge-steps", type=int, default=100)
     parser.add_argument("--merge-lr", type=float, default=3e-3)
-    parser.add_argument("--images", type=int, default=8, help="images generated per method and run")
+    parser.add_argument("--images", type=int, default=8, help="images generated per method and setting")
     parser.add_argument("--out", type=Path, default=None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=3)
+    add_recipe_args(parser)
     parser.add_argument("--markdown", type=Path, default=None)
     args = parser.parse_args()
     torch.set_grad_enabled(True)

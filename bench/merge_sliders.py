@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 from common import emit_json  # first: it puts the checkout on the import path
-from merge_quality import PAIRS, score, train
+from merge_quality import PAIRS, add_recipe_args, score, train
 
-from zipq_core import GenerateConfig, TrainConfig, generate, load_base
+from zipq_core import GenerateConfig, generate, load_base
 from zipq_core.evaluate import load_evaluator
 from zipq_core.merge import MergeConfig, merge_adapters, slider_adapters
 
@@ -64,12 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=300, help="training steps per adapter")
-    parser.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
-    parser.add_argument("--merge-steps", type=int, default=100)
-    parser.add_argument("--merge-lr", type=float, default=3e-3)
-    parser.add_argument("--images", type=int, default=8, help="images generated per method, slider setting and pair")
-    parser.add_argument("--out", type=Path, default=None)
+    add_recipe_args(parser)
     args = parser.parse_args()
     torch.set_grad_enabled(True)
     base, evaluator = load_base("mini"), load_evaluator()
