@@ -96,3 +96,26 @@ def test_help_lists_commands():
     out = _cli("--help").stdout
     for command in ("train", "generate", "evaluate"):
         assert command in out
+
+
+def test_cli_defaults_are_the_core_defaults():
+    """The CLI repeats the config dataclasses' defaults (its --help must stay cheap: no torch import); this keeps
+    them from drifting apart when a default changes in one place only."""
+    from zipq_core.cli import build_parser
+    from zipq_core.config import TrainConfig
+    from zipq_core.merge import MergeConfig
+
+    parser = build_parser()
+    train = parser.parse_args(["train", "--images", "x", "--out", "y"])
+    core = TrainConfig()
+    for flag, field in [("lr", "learning_rate"), ("steps", "steps"), ("rank", "rank"), ("seed", "seed"),
+                        ("batch", "batch_size"), ("method", "method"), ("kind", "kind"), ("token", "token"),
+                        ("target_blocks", "target_blocks"), ("timestep_bias", "timestep_bias"),
+                        ("quantize_base", "quantize_base"), ("checkpoint_every", "checkpoint_every")]:
+        assert getattr(train, flag) == getattr(core, field), flag
+    merge = parser.parse_args(["merge", "--subject", "a", "--style", "b", "--out", "c"])
+    core = MergeConfig()
+    for flag, field in [("method", "method"), ("steps", "steps"), ("lr", "learning_rate"), ("lam", "lam"),
+                        ("similarity", "similarity"), ("subject_weight", "subject_weight"),
+                        ("style_weight", "style_weight"), ("density", "density"), ("seed", "seed")]:
+        assert getattr(merge, flag) == getattr(core, field), flag
