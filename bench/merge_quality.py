@@ -2,7 +2,10 @@
 
 For each held-out subject × held-out style pair and seed: train subject and style DoRA (and LoRA for
 ZipLoRA) with the core's train function, merge with every method, generate "<subject prompt> in <style
-token> style" images and score them with the offline evaluator. Prints and writes JSON:
+token> style" images and score them with the offline evaluator. `zipq` and `zipq_int8` generate as the app
+does (merge.Sliders: strengths 1.25/1.25, the subject part at half strength below the hand-off);
+`zipq_constant` is the same merge at constant 1/1 (its single file in any other tool) and `direct_handoff`
+the direct merge with the app's sliders. The other methods generate at constant 1/1. Prints and writes JSON:
 
     methods.<name>.{subject_fidelity, style_fidelity, prompt_adherence, merge_seconds, adapter_bytes, …}
     int8_size_ratio, int8_image_mean_abs_diff / _max_abs_diff (INT8 vs float ZipQDoRA images, 0–255),
@@ -27,13 +30,17 @@ from zipq_core import GenerateConfig, TrainConfig, generate, load_adapter, load_
 from zipq_core.adapters import save_adapter
 from zipq_core.data import DataConfig, prepare_images
 from zipq_core.evaluate import load_evaluator, prompt_adherence, style_fidelity, subject_fidelity
-from zipq_core.merge import MergeConfig, merge_adapters, slider_adapters
+from zipq_core.merge import MergeConfig, Sliders, merge_adapters, slider_adapters
 from zipq_core.quantize import save_adapter_int8
 
 EXAMPLES = ROOT / "assets" / "examples"
 PAIRS = [("heart", "hatching"), ("moon", "grid"), ("arrow", "zigzag"), ("bolt", "bullseye"),
          ("heart", "zigzag"), ("moon", "bullseye"), ("arrow", "grid"), ("bolt", "hatching")]
-METHODS = ["subject_only", "style_only", "direct", "zip", "zipq", "zipq_int8", "ties", "dare", "blora"]
+METHODS = ["subject_only", "style_only", "direct", "direct_handoff", "zip", "zipq", "zipq_int8", "zipq_constant",
+           "ties", "dare", "blora"]
+CONSTANT = Sliders(subject=1.0, style=1.0, subject_detail=1.0)
+# Rows that reuse another row's merge, generated with other sliders.
+REUSE = {"direct_handoff": "direct", "zipq_constant": "zipq"}
 
 
 def train(base, kind: str, name: str, method: str, steps: int, seed: int, lr: float, out: Path) -> Path:
@@ -69,6 +76,7 @@ def run_pair(base, evaluator, subject: str, style: str, seed: int, args, work: P
         save_adapter_int8(load_adapter(dirs[f"{kind}_dora"]), work / f"{kind}_int8")
     prompt = f"a photo of sks {subject} in zkz style"
     results, images_of = {}, {}
+    merged: dict[str, tuple[Path, float, int]] = {}
     for method in METHODS:
         started = time.time()
         if method in ("subject_only", "style_only"):
@@ -76,18 +84,11 @@ def run_pair(base, evaluator, subject: str, style: str, seed: int, args, work: P
             adapters = [(load_adapter(dirs[f"{kind}_dora"]), 1.0)]
             seconds, size = 0.0, (dirs[f"{kind}_dora"] / "pytorch_lora_weights.safetensors").stat().st_size
         else:
-            name = "zipq" if method == "zipq_int8" else method
-            kind = "lora" if method == "zip" else ("int8" if method == "zipq_int8" else "dora")
-            if kind == "int8":  # merge from the INT8 files (dequantized on load) with their training views
-                for c in ("subject", "style"):
-                    _copy_views(dirs[f"{c}_dora"], work / f"{c}_int8")
-            subject_dir = work / "subject_int8" if kind == "int8" else dirs[f"subject_{kind}"]
-            style_dir = work / "style_int8" if kind == "int8" else dirs[f"style_{kind}"]
-            out = work / f"merged_{method}"
-            cfg = MergeConfig(method=name, steps=args.merge_steps, learning_rate=args.merge_lr, seed=seed)
-            last = list(merge_adapters(base, subject_dir, style_dir, cfg, out))[-1]
-            seconds, size = last.elapsed, last.summary["adapter_bytes"]
-            adapters = slider_adapters(out, 1.0, 1.0)
+            if method not in REUSE:
+                merged[method] = merge(base, method, dirs, seed, args, work)
+            out, seconds, size = merged[REUSE.get(method, method)]
+            sliders = Sliders() if method in ("zipq", "zipq_int8", "direct_handoff") else CONSTANT
+            adapters = slider_adapters(out, sliders.subject, sliders.style, sliders.subject_detail)
         images = generate(base, GenerateConfig(prompt=prompt, seed=1000 * seed, steps=20, num_images=args.images),
                           adapters)
         images_of[method] = images
@@ -98,6 +99,21 @@ def run_pair(base, evaluator, subject: str, style: str, seed: int, args, work: P
     int8 = (work / "subject_int8" / "pytorch_lora_weights.safetensors").stat().st_size
     return {"subject": subject, "style": style, "seed": seed, "methods": results, "int8_size_ratio": int8 / fp16,
             **image_difference(images_of["zipq"], images_of["zipq_int8"])}
+
+
+def merge(base, method: str, dirs: dict, seed: int, args, work: Path) -> tuple[Path, float, int]:
+    """Merge the run's adapters with one method → (merged folder, merge seconds, file bytes)."""
+    name = "zipq" if method == "zipq_int8" else method
+    kind = "lora" if method == "zip" else ("int8" if method == "zipq_int8" else "dora")
+    if kind == "int8":  # merge from the INT8 files (dequantized on load) with their training views
+        for c in ("subject", "style"):
+            _copy_views(dirs[f"{c}_dora"], work / f"{c}_int8")
+    subject_dir = work / "subject_int8" if kind == "int8" else dirs[f"subject_{kind}"]
+    style_dir = work / "style_int8" if kind == "int8" else dirs[f"style_{kind}"]
+    out = work / f"merged_{method}"
+    cfg = MergeConfig(method=name, steps=args.merge_steps, learning_rate=args.merge_lr, seed=seed)
+    last = list(merge_adapters(base, subject_dir, style_dir, cfg, out))[-1]
+    return out, last.elapsed, last.summary["adapter_bytes"]
 
 
 def image_difference(a: list, b: list) -> dict:

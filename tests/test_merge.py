@@ -122,3 +122,49 @@ def test_zipq_refuses_lora_inputs_and_cancel_stops(adapters, tmp_path):
 def test_merge_config_errors(bad):
     with pytest.raises(ZipqError):
         MergeConfig(**bad)
+
+
+def _images(base, adapters, **cfg):
+    import numpy as np
+
+    from zipq_core import GenerateConfig, generate
+
+    config = GenerateConfig(prompt="a photo of sks heart in zkz style", seed=3, steps=4, num_images=2, **cfg)
+    return np.stack([np.asarray(im) for im in generate(base, config, adapters)])
+
+
+def test_handoff_switches_to_the_detail_strength_below_its_noise_level(adapters):
+    """(adapter, 1, 0): hand-off 0 never switches (= strength 1), 1 switches at once (= the base), 0.5 is neither."""
+    import numpy as np
+
+    base, made = adapters
+    adapter = load_adapter(made["subject_dora"])
+    reference = _unet_out(base)
+    full, none = _images(base, [(adapter, 1.0)]), _images(base, [])
+    assert np.array_equal(_images(base, [(adapter, 1.0, 0.0)], handoff=0.0), full)
+    assert np.array_equal(_images(base, [(adapter, 1.0, 0.0)], handoff=1.0), none)
+    middle = _images(base, [(adapter, 1.0, 0.0)], handoff=0.5)
+    assert not np.array_equal(middle, full) and not np.array_equal(middle, none)
+    assert torch.equal(_unet_out(base), reference), "generation must leave the base weights bit for bit"
+    assert not base.unet._forward_pre_hooks, "the hand-off hook must be removed after generation"
+
+
+def test_slider_subject_detail(adapters, tmp_path):
+    """Detail 1 is the constant-strength merge (2-tuples, what other tools load); 0/0 stays the base exactly."""
+    import numpy as np
+
+    base, made = adapters
+    list(merge_adapters(base, made["subject_dora"], made["style_dora"], MergeConfig(method="direct"), tmp_path / "m"))
+    constant = slider_adapters(tmp_path / "m", 1.25, 1.0, subject_detail=1.0)
+    assert [len(spec) for spec in constant] == [2, 2]
+    detailed = slider_adapters(tmp_path / "m", 1.25, 1.0, subject_detail=0.5)
+    assert [spec[1:] for spec in detailed] == [(1.25, 0.625), (1.0,)]
+    assert np.array_equal(_images(base, slider_adapters(tmp_path / "m", 0.0, 0.0, subject_detail=0.5)),
+                          _images(base, []))
+    assert not np.array_equal(_images(base, detailed), _images(base, constant))
+    with pytest.raises(ZipqError, match="subject detail"):
+        slider_adapters(tmp_path / "m", 1.0, 1.0, subject_detail=1.5)
+    from zipq_core import GenerateConfig
+
+    with pytest.raises(ZipqError, match="hand-off"):
+        GenerateConfig(handoff=1.5)

@@ -178,24 +178,64 @@ def applied(pipe, adapters: Sequence[tuple[Adapter, float]]) -> Iterator[int]:
     Yields:
         The number of layers changed.
     """
-    grouped = _group_by_module(adapters)
-    originals: dict[str, torch.Tensor] = {}
+    with applied_phases(pipe, [adapters]) as phases:
+        yield len(phases.keys)
+
+
+class Phases:
+    """Several settings of adapter strengths over one set of layers; `select(i)` fuses setting i in place.
+
+    Only the active setting's weights exist at a time (fused when selected), so a two-phase generation
+    needs no more memory than a one-phase one; selecting the active phase again costs nothing.
+    """
+
+    def __init__(self, pipe, phases: Sequence[Sequence[tuple[Adapter, float]]]):
+        self.groups = [_group_by_module(p) for p in phases]
+        self.keys = sorted(set().union(*self.groups))
+        self.modules = {k: resolve_module(pipe, k) for k in self.keys}
+        self.originals = {k: m.weight.data for k, m in self.modules.items()}
+        self.active: int | None = None
+
+    def select(self, index: int) -> None:
+        if index == self.active:
+            return
+        group = self.groups[index]
+        for key in self.keys:
+            weight = self.originals[key]
+            if key in group:
+                weight = _checked_fuse(key, weight, group[key])
+            self.modules[key].weight.data = weight
+        self.active = index
+
+    def restore(self) -> None:
+        for key, tensor in self.originals.items():
+            self.modules[key].weight.data = tensor
+        self.active = None
+
+
+def _checked_fuse(key: str, w0: torch.Tensor, parts: list[tuple[LoraLayer, float]]) -> torch.Tensor:
+    fused = fuse_weight(w0, parts)
+    if fused.shape != w0.shape:
+        raise ZipqError(f"The adapter's layer {key} has shape {tuple(fused.shape)} but the base model's "
+                        f"is {tuple(w0.shape)}: it was made for another model.")
+    if not torch.isfinite(fused).all():
+        raise ZipqError(f"Applying the adapters gave non-finite weights in {key}: lower the strengths.")
+    return fused.to(w0.dtype)
+
+
+@contextmanager
+def applied_phases(pipe, phases: Sequence[Sequence[tuple[Adapter, float]]]) -> Iterator[Phases]:
+    """Like `applied` for several strength settings of the same adapters; phase 0 is active on entry.
+
+    The caller switches with `phases.select(i)` (generate does so by timestep); on exit the base weights
+    are restored bit for bit whatever phase was active.
+    """
+    state = Phases(pipe, phases)
     try:
-        for key, parts in grouped.items():
-            module = resolve_module(pipe, key)
-            weight = module.weight
-            fused = fuse_weight(weight.data, parts)
-            if fused.shape != weight.shape:
-                raise ZipqError(f"The adapter's layer {key} has shape {tuple(fused.shape)} but the base model's "
-                                f"is {tuple(weight.shape)}: it was made for another model.")
-            if not torch.isfinite(fused).all():
-                raise ZipqError(f"Applying the adapters gave non-finite weights in {key}: lower the strengths.")
-            originals[key] = weight.data
-            module.weight.data = fused.to(weight.dtype)
-        yield len(originals)
+        state.select(0)
+        yield state
     finally:
-        for key, tensor in originals.items():
-            resolve_module(pipe, key).weight.data = tensor
+        state.restore()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -158,9 +158,13 @@ class GenerateConfig:
     width: int = 64
     height: int = 64
     num_images: int = 1
+    # Noise level (fraction of the training timesteps) below which adapters given a detail strength switch
+    # to it. 0.5 on mini: the layout is settled by then and the texture not yet drawn.
+    handoff: float = 0.5
 
     def __post_init__(self) -> None:
         _check(bool(self.prompt.strip()), "Write a prompt: the images are generated from it.")
+        _check(0.0 <= self.handoff <= 1.0, f"the hand-off must be between 0 and 1, not {self.handoff}.")
         _check(1 <= self.steps <= 200, f"steps must be between 1 and 200, not {self.steps}.")
         _check(0.0 <= self.guidance <= 30.0, f"guidance must be between 0 and 30, not {self.guidance}.")
         for side, value in (("width", self.width), ("height", self.height)):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from PIL import Image
 
-from .adapters import Adapter, applied, load_adapter
+from .adapters import Adapter, Phases, applied_phases, load_adapter
 from .base import BaseModel
 from .config import GenerateConfig, check_strength
 from .errors import ZipqError
@@ -27,17 +28,25 @@ def parse_adapter_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def generate(base: BaseModel, config: GenerateConfig, adapters: Sequence[tuple[Adapter, float]] = (),
+# (adapter, strength) or (adapter, strength, detail strength): the detail strength replaces the strength at
+# noise levels below GenerateConfig.handoff (the late, fine-detail steps).
+AdapterSpec = tuple[Adapter, float] | tuple[Adapter, float, float]
+
+
+def generate(base: BaseModel, config: GenerateConfig, adapters: Sequence[AdapterSpec] = (),
              on_step: Callable[[int, int], None] | None = None) -> list[Image.Image]:
     """Generate images from the base model with adapters fused at their strengths.
 
     The adapters are fused into the weights for the duration of the call (as fast as the base model)
-    and the base weights are restored afterwards, bit for bit.
+    and the base weights are restored afterwards, bit for bit. An adapter given a detail strength is
+    re-fused once, when the denoising reaches `config.handoff`: a merged adapter's subject part at full
+    strength while the layout forms and weaker while texture is drawn lets the style's texture through
+    (bench/merge_quality.py measures it).
 
     Args:
         base: the loaded base model.
-        config: prompt, seed, steps, guidance, size, count.
-        adapters: (adapter, strength) pairs, strengths in [0, 1.5]; 0 leaves the base untouched.
+        config: prompt, seed, steps, guidance, size, count, hand-off noise level.
+        adapters: (adapter, strength[, detail strength]), strengths in [0, 1.5]; 0 leaves the base untouched.
         on_step: called as on_step(step, total) after each denoising step.
 
     Returns:
@@ -48,7 +57,11 @@ def generate(base: BaseModel, config: GenerateConfig, adapters: Sequence[tuple[A
         def callback(pipe, step, timestep, kwargs):  # diffusers' callback_on_step_end signature
             on_step(step + 1, config.steps)
             return kwargs
-    with base.lock, applied(base.pipe, adapters), torch.inference_mode():
+    early = [(spec[0], spec[1]) for spec in adapters]
+    late = [(spec[0], spec[-1]) for spec in adapters]
+    phases = [early, late] if any(spec[-1] != spec[1] for spec in adapters) else [early]
+    with base.lock, applied_phases(base.pipe, phases) as state, _handoff(base, state, config.handoff), \
+            torch.inference_mode():
         # A CPU generator gives the same images on every device for a seed.
         generator = torch.Generator("cpu").manual_seed(config.seed)
         try:
@@ -59,6 +72,28 @@ def generate(base: BaseModel, config: GenerateConfig, adapters: Sequence[tuple[A
         except torch.cuda.OutOfMemoryError as e:
             raise ZipqError("The GPU ran out of memory: generate fewer images at once or a smaller size.") from e
     return result.images
+
+
+@contextmanager
+def _handoff(base: BaseModel, state: Phases, handoff: float) -> Iterator[None]:
+    """Select phase 1 (detail strengths) for UNet calls below the hand-off noise level, phase 0 above.
+
+    A forward pre-hook reads each call's timestep, so it works for any scheduler and step count.
+    """
+    if len(state.groups) < 2:
+        yield
+        return
+    threshold = handoff * base.pipe.scheduler.config.num_train_timesteps
+
+    def pick(module, args, kwargs):
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        state.select(1 if float(torch.as_tensor(t).flatten()[0]) < threshold else 0)
+
+    hook = base.unet.register_forward_pre_hook(pick, with_kwargs=True)
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def load_adapters(specs: Sequence[str]) -> list[tuple[Adapter, float]]:
