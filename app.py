@@ -37,6 +37,7 @@ from zipq_core.base import BaseModel
 from zipq_core.config import check_strength
 from zipq_core.data import DataConfig, ImageSet, prepare_images
 from zipq_core.jobs import FINISHED, Job, JobContext, JobRegistry, check_session_id, new_session_id
+from zipq_core.merge import METHODS, Sliders
 from zipq_core.train import latest_checkpoint
 
 try:  # ZeroGPU Spaces: GPU work must be decorated; elsewhere `spaces` is absent and this is a no-op.
@@ -72,11 +73,7 @@ MERGE_LABELS = {"zipq": "ZipQDoRA", "zip": "ZipLoRA", "direct": "direct (weighte
 
 # -------------------------------------------------------------------------------------------- core checks
 def merge_methods() -> list[str]:
-    """The merge methods the core offers (none when `zipq_core.merge` is not in this build)."""
-    if importlib.util.find_spec("zipq_core.merge") is None:
-        return []
-    from zipq_core.merge import METHODS
-
+    """The merge methods the core offers."""
     return list(METHODS)
 
 
@@ -536,15 +533,21 @@ class Studio:
         return f"Queued: {job.label} (job {job.id})"
 
     # ---- generation
-    def _slider_adapters(self, paths: SessionPaths, subject_strength: float, style_strength: float) -> list:
-        """The merged adapter's parts at the two slider strengths, else the two adapters themselves."""
+    def _slider_adapters(self, paths: SessionPaths, subject_strength: float, style_strength: float,
+                         subject_detail: float = 1.0) -> list:
+        """The merged adapter's parts at the slider strengths, else the two adapters themselves (the subject one
+        at `subject_detail` × its strength in the fine-detail steps, as for a merge)."""
         s_sub = check_strength(number(subject_strength, "Subject strength"))
         s_sty = check_strength(number(style_strength, "Style strength"))
+        detail = number(subject_detail, "Subject in fine detail")
         if paths.has_adapter("merged") and merge_methods():
             from zipq_core.merge import slider_adapters
 
-            return slider_adapters(paths.merged, s_sub, s_sty)
-        return [(load_adapter(paths.adapter(kind)), w) for kind, w in (("subject", s_sub), ("style", s_sty))
+            return slider_adapters(paths.merged, s_sub, s_sty, detail)
+        if not 0 <= detail <= 1:
+            raise ZipqError(f"Subject in fine detail must be between 0 and 1, not {detail}.")
+        specs = {"subject": (s_sub, check_strength(s_sub * detail)), "style": (s_sty,)}
+        return [(load_adapter(paths.adapter(kind)), *specs[kind]) for kind in ("subject", "style")
                 if paths.has_adapter(kind)]
 
     def _gen_config(self, prompt: str, negative: str, seed: float, steps: float, guidance: float, width: float,
@@ -557,11 +560,11 @@ class Studio:
     @user_errors
     def generate(self, session: str, prompt: str, negative: str, seed: float, steps: float, guidance: float,
                  width: float, height: float, num_images: float, subject_strength: float,
-                 style_strength: float) -> tuple[list, list[str], str]:
+                 style_strength: float, subject_detail: float = 1.0) -> tuple[list, list[str], str]:
         """Generate with the merged adapter (or both adapters) at the slider strengths; PNGs are kept."""
         paths = self.paths(session)
         cfg = self._gen_config(prompt, negative, seed, steps, guidance, width, height, num_images)
-        adapters = self._slider_adapters(paths, subject_strength, style_strength)
+        adapters = self._slider_adapters(paths, subject_strength, style_strength, subject_detail)
         busy = self.registry.running()
         if busy:  # training and merging hold the model: say so rather than look stuck
             gr.Info(f"'{busy[0].label}' is using the model: your images come right after it.")
@@ -571,7 +574,8 @@ class Studio:
         used = "the merged adapter" if paths.has_adapter("merged") else \
             (f"{len(adapters)} adapter(s)" if adapters else "the base model alone (no adapters trained yet)")
         note = (f"{len(images)} image(s) in {time.time() - started:.1f} s with {used}, subject strength "
-                f"{float(subject_strength):g}, style strength {float(style_strength):g}.")
+                f"{float(subject_strength):g}, style strength {float(style_strength):g}, subject in fine detail "
+                f"{float(subject_detail):g}.")
         return [(f, f"seed {cfg.seed} · #{i + 1}") for i, f in enumerate(files)], files, note
 
     @user_errors
@@ -606,7 +610,9 @@ class Studio:
 
             method = load_adapter(paths.merged).info.get("method", "merged")
             if method != "direct":
-                variants.append((MERGE_LABELS.get(method, method), slider_adapters(paths.merged, 1.0, 1.0)))
+                s = Sliders()  # what the Generate tab starts with
+                variants.append((MERGE_LABELS.get(method, method),
+                                 slider_adapters(paths.merged, s.subject, s.style, s.subject_detail)))
         return variants
 
     # ---- the whole flow
@@ -642,7 +648,8 @@ class Studio:
         return (*filled[:-1], prompt, status)
 
     def _flow_generate(self, cfg: GenerateConfig, paths: SessionPaths, ctx: JobContext):
-        adapters = self._slider_adapters(paths, 1.0, 1.0)
+        sliders = Sliders()
+        adapters = self._slider_adapters(paths, sliders.subject, sliders.style, sliders.subject_detail)
         images = render(self.base, cfg, adapters)
         for i, f in enumerate(save_pngs(images, paths.outputs, f"flow-{cfg.seed}")):
             ctx.artifact(f"image{i}", f)
@@ -911,8 +918,12 @@ def _generate_tab(c: dict, base: BaseModel) -> None:
             c["prompt"] = gr.Textbox(Settings().prompt, label="Prompt", lines=2)
             c["negative"] = gr.Textbox("", label="Negative prompt")
             with gr.Row():
-                c["subject_strength"] = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Subject strength")
-                c["style_strength"] = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Style strength")
+                c["subject_strength"] = gr.Slider(0, 1.5, value=Sliders.subject, step=0.05, label="Subject strength")
+                c["style_strength"] = gr.Slider(0, 1.5, value=Sliders.style, step=0.05, label="Style strength")
+                c["subject_detail"] = gr.Slider(
+                    0, 1, value=Sliders.subject_detail, step=0.05, label="Subject in fine detail",
+                    info="The subject's strength in the late steps, where texture is drawn: lower lets the style "
+                         "show through (1 = constant, as the merged file gives in other tools).")
             with gr.Row():
                 c["seed"] = gr.Number(0, precision=0, minimum=0, label="Seed", scale=3)
                 c["dice"] = gr.Button("Random seed", scale=1)
@@ -988,7 +999,7 @@ def build_ui(base: BaseModel, secret: str | None = None) -> tuple[gr.Blocks, UI]
 TRAIN_INPUTS = ("session", "train_which", "method", "quantize", "int8", "rank", "steps", "lr", "resolution",
                 "prior", "sample_every")
 GEN_INPUTS = ("session", "prompt", "negative", "seed", "gen_steps", "guidance", "width", "height", "num_images",
-              "subject_strength", "style_strength")
+              "subject_strength", "style_strength", "subject_detail")
 POLL_TARGETS = ("train_status", "subject_plot", "style_plot", "train_samples", "subject_dl", "style_dl",
                 "merge_status", "merge_plot", "merged_dl", "flow_status", "flow_gallery", "seen")
 EXAMPLE_TARGETS = ("subject_gallery", "subject_notes", "subject_token", "subject_noun", "style_gallery",

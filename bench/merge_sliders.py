@@ -3,18 +3,20 @@
 At sliders 1/1 a merge picks one point of the subject ↔ style trade-off; an artist moves the sliders. This
 benchmark trains the subject and style DoRA of each held-out pair exactly as bench/merge_quality.py does (same
 seeds, so its 1/1 numbers reproduce that benchmark's runs), merges them directly and with ZipQDoRA, and scores
-both at a grid of (subject strength, style strength). A merge is better when it reaches more style at the same
-subject fidelity. Prints and writes JSON:
+both at a grid of (subject strength, style strength), each with the subject part at full strength throughout
+(detail 1) and at a fraction of it below the hand-off (GenerateConfig.handoff; `--details`). A merge is better
+when it reaches more style at the same subject fidelity. Prints and writes JSON:
 
-    methods.<direct|zipq>."<subject>/<style>".{subject_fidelity, style_fidelity}   (mean over pairs)
+    methods.<direct|zipq>."<subject>/<style>/<detail>".{subject_fidelity, style_fidelity}   (mean over pairs)
     settings, per_pair
 
-Usage: python bench/merge_sliders.py [--pairs 4] [--seed 0] [--out FILE]
+Usage: python bench/merge_sliders.py [--pairs 4] [--seed 0] [--details 1,0.5] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -45,11 +47,11 @@ def run_pair(base, evaluator, subject: str, style: str, args, work: Path) -> dic
         for _ in merge_adapters(base, subject_dir, style_dir, cfg, merged):
             pass
         out[method] = {}
-        for s, t in GRID:
+        for (s, t), d in itertools.product(GRID, args.details):
             images = generate(base, GenerateConfig(prompt=prompt, seed=1000 * args.seed, steps=20,
-                                                   num_images=args.images), slider_adapters(merged, s, t))
+                                                   num_images=args.images), slider_adapters(merged, s, t, d))
             scores = score(images, subject, style, evaluator)
-            out[method][f"{s}/{t}"] = {k: scores[k] for k in ("subject_fidelity", "style_fidelity")}
+            out[method][f"{s}/{t}/{d}"] = {k: scores[k] for k in ("subject_fidelity", "style_fidelity")}
     return out
 
 
@@ -64,6 +66,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--details", type=lambda text: [float(x) for x in text.split(",")], default=[1.0, 0.5],
+                        help="subject-detail fractions to score each grid point at (comma-separated)")
     add_recipe_args(parser)
     args = parser.parse_args()
     torch.set_grad_enabled(True)

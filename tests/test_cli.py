@@ -68,6 +68,30 @@ def test_generate_strength_zero_is_base_and_one_differs(trained, tmp_path):
 
 
 @pytest.mark.slow
+def test_generate_merged_sliders(trained, tmp_path):
+    """--merged at 0/0 is the base; the subject detail changes the images; the summary records the sliders."""
+    out = trained[0]
+    _cli("merge", "--base", "mini", "--subject", str(out), "--style", str(out), "--method", "direct",
+         "--out", str(tmp_path / "m"))
+    common = ["--base", "mini", "--prompt", "a photo of sks heart", "--seed", "0", "--steps", "8"]
+    _cli("generate", *common, "--out", str(tmp_path / "base.png"))
+    _cli("generate", "--merged", str(tmp_path / "m"), "--subject-strength", "0", "--style-strength", "0", *common,
+         "--out", str(tmp_path / "zero.png"))
+    _cli("generate", "--merged", str(tmp_path / "m"), "--subject-detail", "1", *common,
+         "--out", str(tmp_path / "constant.png"))
+    summary = json.loads(_cli("generate", "--merged", str(tmp_path / "m"), *common,
+                              "--out", str(tmp_path / "detail.png")).stdout)
+    base, zero, constant, detail = (np.asarray(Image.open(tmp_path / f"{n}.png"))
+                                    for n in ("base", "zero", "constant", "detail"))
+    assert np.array_equal(base, zero)
+    assert not np.array_equal(constant, detail) and not np.array_equal(base, detail)
+    assert summary["merged"]["subject_detail"] == 0.5
+    bad = _cli("generate", "--merged", str(tmp_path / "m"), "--subject-detail", "2", *common,
+               "--out", str(tmp_path / "x.png"), check=False)
+    assert bad.returncode != 0 and "subject detail" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
 def test_diffusers_loads_the_cli_adapter_and_it_changes_output(trained):
     from diffusers import DiffusionPipeline
 
@@ -119,3 +143,11 @@ def test_cli_defaults_are_the_core_defaults():
                         ("similarity", "similarity"), ("subject_weight", "subject_weight"),
                         ("style_weight", "style_weight"), ("density", "density"), ("seed", "seed")]:
         assert getattr(merge, flag) == getattr(core, field), flag
+    from zipq_core.config import GenerateConfig
+    from zipq_core.merge import Sliders
+
+    generate = parser.parse_args(["generate", "--prompt", "p", "--out", "o"])
+    sliders = Sliders()
+    assert (generate.subject_strength, generate.style_strength, generate.subject_detail) == \
+        (sliders.subject, sliders.style, sliders.subject_detail)
+    assert generate.handoff == GenerateConfig.handoff

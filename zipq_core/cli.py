@@ -63,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_base_args(g)
     g.add_argument("--adapter", action="append", default=[],
                    help="PATH[:STRENGTH], strength 0–1.5 (default 1); repeatable")
+    g.add_argument("--merged", default=None,
+                   help="a merged adapter folder, generated with its subject and style sliders (below)")
+    g.add_argument("--subject-strength", type=float, default=1.25, help="merged adapter: subject part strength")
+    g.add_argument("--style-strength", type=float, default=1.25, help="merged adapter: style part strength")
+    g.add_argument("--subject-detail", type=float, default=0.5,
+                   help="merged adapter: the subject part's strength below the hand-off, as a fraction "
+                        "(1 = constant strengths, as the merged file gives in other tools)")
+    g.add_argument("--handoff", type=float, default=0.5,
+                   help="noise level (0–1) below which the detail strength applies")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--seed", type=int, default=0)
@@ -168,15 +177,20 @@ def _launched_device() -> str | None:
 
 def cmd_generate(args: argparse.Namespace) -> dict:
     from .base import load_base
-    from .config import GenerateConfig
+    from .config import GenerateConfig, check_strength
     from .generate import generate, load_adapters
 
     base = load_base(args.base, args.device, args.dtype)
     size = base.default_size
     cfg = GenerateConfig(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
                          guidance=args.guidance, width=args.width or size, height=args.height or size,
-                         num_images=args.num_images)
+                         num_images=args.num_images, handoff=args.handoff)
     adapters = load_adapters(args.adapter)
+    if args.merged:
+        from .merge import slider_adapters
+
+        adapters += slider_adapters(args.merged, check_strength(args.subject_strength),
+                                    check_strength(args.style_strength), args.subject_detail)
     bar = _Bar(cfg.steps, "generate")
     started = time.time()
     try:
@@ -190,7 +204,10 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     for image, path in zip(images, paths):
         image.save(path)
     return {"images": [str(p) for p in paths], "seconds": round(time.time() - started, 2),
-            "adapters": [{"path": a, "strength": s} for a, s in zip(args.adapter, [s for _, s in adapters])]}
+            "adapters": [{"path": a, "strength": s} for a, s in zip(args.adapter, [s[1] for s in adapters])],
+            **({"merged": {"path": args.merged, "subject_strength": args.subject_strength,
+                           "style_strength": args.style_strength, "subject_detail": args.subject_detail,
+                           "handoff": args.handoff}} if args.merged else {})}
 
 
 def cmd_merge(args: argparse.Namespace) -> dict:
