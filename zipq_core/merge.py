@@ -488,13 +488,13 @@ def save_merged(pipe, subject_part: Adapter, style_part: Adapter, out_dir: Path,
 
 @dataclass(frozen=True)
 class Sliders:
-    """Strengths to generate with from a merged adapter: the app's and the benchmark's defaults.
+    """Strengths to generate with from a merged adapter: the app's, the CLI's and the benchmark's defaults.
 
-    Measured on mini (4 held-out pairs, seed 0, 8 images each; the probe is in the issue-4 note): ZipQDoRA at
-    1/1 gives subject / style fidelity 0.747 / 0.545; at 1.25/1.25 0.781 / 0.559; at 1.25/1.25 with the
-    subject part at half strength below the hand-off (GenerateConfig.handoff = 0.5) 0.770 / 0.696. The subject
-    part decides the layout at high noise; left at full strength in the late steps it paints its training
-    images' flat fill over the style's texture.
+    `python bench/merge_sliders.py` (mini, 4 held-out pairs, seed 0, 8 images each), subject / style fidelity:
+    ZipQDoRA at 1/1 0.747 / 0.545, at 1.25/1.25 0.781 / 0.559, at 1.25/1.25 with the subject part at half
+    strength below the hand-off (GenerateConfig.handoff = 0.5) 0.768 / 0.693; the direct merge at those last
+    sliders 0.751 / 0.623. The subject part decides the layout at high noise; left at full strength in the late
+    steps it paints its training images' flat fill over the style's texture.
     """
 
     subject: float = 1.25
