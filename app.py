@@ -36,8 +36,9 @@ from zipq_core import GenerateConfig, TrainConfig, ZipqError, generate, load_ada
 from zipq_core.base import BaseModel
 from zipq_core.config import check_strength
 from zipq_core.data import DataConfig, ImageSet, prepare_images
+from zipq_core.generate import detail_spec
 from zipq_core.jobs import FINISHED, Job, JobContext, JobRegistry, check_session_id, new_session_id
-from zipq_core.merge import METHODS, Sliders
+from zipq_core.merge import METHODS, MergeConfig, Sliders, merge_adapters, slider_adapters
 from zipq_core.train import latest_checkpoint
 
 try:  # ZeroGPU Spaces: GPU work must be decorated; elsewhere `spaces` is absent and this is a no-op.
@@ -72,11 +73,6 @@ MERGE_LABELS = {"zipq": "ZipQDoRA", "zip": "ZipLoRA", "direct": "direct (weighte
 
 
 # -------------------------------------------------------------------------------------------- core checks
-def merge_methods() -> list[str]:
-    """The merge methods the core offers."""
-    return list(METHODS)
-
-
 def qdora_available() -> bool:
     """Training on a quantized base needs `zipq_core.qdora`; the option is refused clearly when absent."""
     return importlib.util.find_spec("zipq_core.qdora") is not None
@@ -494,17 +490,11 @@ class Studio:
     # ---- merging
     def _merge_config(self, method: str, lam: float, steps: float, subject_weight: float, style_weight: float,
                       density: float):
-        if not merge_methods():
-            raise ZipqError("Merging is not available in this build; Generate combines both adapters directly.")
-        from zipq_core.merge import MergeConfig
-
         return MergeConfig(method=method, steps=number(steps, "Steps", int), lam=number(lam, "λ"),
                            subject_weight=number(subject_weight, "Subject weight"),
                            style_weight=number(style_weight, "Style weight"), density=number(density, "Density"))
 
     def _merge_job(self, cfg, paths: SessionPaths, ctx: JobContext):
-        from zipq_core.merge import merge_adapters
-
         shutil.rmtree(paths.merged, ignore_errors=True)
         yield from merge_adapters(self.base, paths.adapter("subject"), paths.adapter("style"), cfg, paths.merged,
                                   cancel=ctx.cancel)
@@ -540,15 +530,14 @@ class Studio:
         s_sub = check_strength(number(subject_strength, "Subject strength"))
         s_sty = check_strength(number(style_strength, "Style strength"))
         detail = number(subject_detail, "Subject in fine detail")
-        if paths.has_adapter("merged") and merge_methods():
-            from zipq_core.merge import slider_adapters
-
+        if paths.has_adapter("merged"):
             return slider_adapters(paths.merged, s_sub, s_sty, detail)
-        if not 0 <= detail <= 1:
-            raise ZipqError(f"Subject in fine detail must be between 0 and 1, not {detail}.")
-        specs = {"subject": (s_sub, check_strength(s_sub * detail)), "style": (s_sty,)}
-        return [(load_adapter(paths.adapter(kind)), *specs[kind]) for kind in ("subject", "style")
-                if paths.has_adapter(kind)]
+        specs = []
+        if paths.has_adapter("subject"):
+            specs.append(detail_spec(load_adapter(paths.adapter("subject")), s_sub, detail))
+        if paths.has_adapter("style"):
+            specs.append((load_adapter(paths.adapter("style")), s_sty))
+        return specs
 
     def _gen_config(self, prompt: str, negative: str, seed: float, steps: float, guidance: float, width: float,
                     height: float, num_images: float) -> GenerateConfig:
@@ -605,9 +594,7 @@ class Studio:
         variants += [(f"{k} only", [(ad[k], 1.0)]) for k in ("subject", "style") if k in ad]
         if len(ad) == 2:
             variants.append(("direct merge", [(ad["subject"], 1.0), (ad["style"], 1.0)]))
-        if have["merged"] and merge_methods():
-            from zipq_core.merge import slider_adapters
-
+        if have["merged"]:
             method = load_adapter(paths.merged).info.get("method", "merged")
             if method != "direct":
                 s = Sliders()  # what the Generate tab starts with
@@ -633,12 +620,10 @@ class Studio:
                     max(1, steps // 3))
         jobs = self._submit_training(session, ["subject", "style"], settings, int8=False, resume=False)
         after = [j.id for j in jobs]
-        methods = merge_methods()
-        if methods:
-            method = merge_method if merge_method in methods else ("zipq" if "zipq" in methods else "direct")
-            merge_cfg = self._merge_config(method, 0.01, merge_steps or 100, 1.0, 1.0, 0.5)
-            jobs.append(self._submit_merge(session, merge_cfg, after))
-            after = [jobs[-1].id]
+        method = merge_method if merge_method in METHODS else "zipq"
+        merge_cfg = self._merge_config(method, 0.01, merge_steps or 100, 1.0, 1.0, 0.5)
+        jobs.append(self._submit_merge(session, merge_cfg, after))
+        after = [jobs[-1].id]
         size = self.base.default_size
         cfg = self._gen_config(prompt, "", seed, 20, 5.0, size, size, 4)
         jobs.append(self.registry.submit(session, "generate", functools.partial(self._flow_generate, cfg, paths),
@@ -887,12 +872,9 @@ def _train_tab(c: dict, base: BaseModel) -> None:
 
 
 def _merge_tab(c: dict) -> None:
-    methods = merge_methods()
-    if not methods:
-        gr.Markdown("Merging is not in this build yet: Generate combines the two adapters directly.")
-    choices = [(MERGE_LABELS.get(m, m), m) for m in methods] or [("direct (weighted sum)", "direct")]
+    choices = [(MERGE_LABELS.get(m, m), m) for m in METHODS]
     with gr.Row():
-        c["merge_method"] = gr.Dropdown(choices, value="zipq" if "zipq" in methods else choices[0][1],
+        c["merge_method"] = gr.Dropdown(choices, value="zipq",
                                         label="Method", info="ZipQDoRA / ZipLoRA learn per-column mergers; "
                                                              "the others are training-free.")
         c["lam"] = gr.Number(0.01, label="λ (merger similarity penalty)")
@@ -902,7 +884,7 @@ def _merge_tab(c: dict) -> None:
         c["merge_style_w"] = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Style weight (direct/TIES/DARE)")
         c["density"] = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Density (TIES/DARE)")
     with gr.Row():
-        c["merge_btn"] = gr.Button("Merge", variant="primary", interactive=bool(methods))
+        c["merge_btn"] = gr.Button("Merge", variant="primary")
         c["merge_cancel"] = gr.Button("Cancel", variant="stop")
         c["merged_dl"] = gr.DownloadButton("Download merged adapter", interactive=False)
     c["merge_msg"] = gr.Markdown()

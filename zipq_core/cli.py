@@ -177,7 +177,7 @@ def _launched_device() -> str | None:
 
 def cmd_generate(args: argparse.Namespace) -> dict:
     from .base import load_base
-    from .config import GenerateConfig, check_strength
+    from .config import GenerateConfig
     from .generate import generate, load_adapters
 
     base = load_base(args.base, args.device, args.dtype)
@@ -189,8 +189,7 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     if args.merged:
         from .merge import slider_adapters
 
-        adapters += slider_adapters(args.merged, check_strength(args.subject_strength),
-                                    check_strength(args.style_strength), args.subject_detail)
+        adapters += slider_adapters(args.merged, args.subject_strength, args.style_strength, args.subject_detail)
     bar = _Bar(cfg.steps, "generate")
     started = time.time()
     try:

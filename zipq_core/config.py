@@ -186,3 +186,9 @@ def check_strength(strength: float) -> float:
     """Validate an adapter strength (DESIGN §6: 0 = base exactly, 1 = as trained)."""
     _check(0.0 <= strength <= MAX_STRENGTH, f"adapter strength must be between 0 and {MAX_STRENGTH}, not {strength}.")
     return float(strength)
+
+
+def check_fraction(value: float, name: str) -> float:
+    """Validate a value that must lie in [0, 1] (a subject detail, a hand-off)."""
+    _check(0.0 <= value <= 1.0, f"{name} must be between 0 and 1, not {value}.")
+    return float(value)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from .adapters import Adapter, Phases, applied_phases, load_adapter
 from .base import BaseModel
-from .config import GenerateConfig, check_strength
+from .config import GenerateConfig, check_fraction, check_strength
 from .errors import ZipqError
 
 
@@ -31,6 +31,14 @@ def parse_adapter_arg(text: str) -> tuple[str, float]:
 # (adapter, strength) or (adapter, strength, detail strength): the detail strength replaces the strength at
 # noise levels below GenerateConfig.handoff (the late, fine-detail steps).
 AdapterSpec = tuple[Adapter, float] | tuple[Adapter, float, float]
+
+
+def detail_spec(adapter: Adapter, strength: float, detail: float) -> AdapterSpec:
+    """The adapter at `strength`, and at `strength × detail` below the hand-off; detail 1 gives the plain pair
+    (constant strength, what a single adapter file gives in any other tool)."""
+    strength = check_strength(strength)
+    late = check_strength(strength * check_fraction(detail, "subject detail"))
+    return (adapter, strength) if late == strength else (adapter, strength, late)
 
 
 def generate(base: BaseModel, config: GenerateConfig, adapters: Sequence[AdapterSpec] = (),

@@ -39,8 +39,9 @@ from .adapters import (
     save_adapter,
 )
 from .base import BaseModel
+from .config import check_strength
 from .errors import ZipqError
-from .generate import AdapterSpec
+from .generate import AdapterSpec, detail_spec
 
 MergeMethod = Literal["zipq", "zip", "direct", "ties", "dare", "blora"]
 METHODS: tuple[str, ...] = ("zipq", "zip", "direct", "ties", "dare", "blora")
@@ -510,21 +511,11 @@ def slider_adapters(merged_dir: str | Path, subject_strength: float, style_stren
     strengths constant, which is what the single merged file gives in any other tool. Adapters that are not
     merges (no parts) get the subject strength alone.
     """
-    from .config import check_strength
-
-    late = check_strength(subject_strength * check_fraction(subject_detail, "subject detail"))
     merged = Path(merged_dir)
     parts = merged / PARTS_DIR
     whole = not (parts / "subject").exists()
-    subject = load_adapter(merged if whole else parts / "subject")
-    first: AdapterSpec = (subject, subject_strength) if late == subject_strength else (subject, subject_strength, late)
-    return [first] if whole else [first, (load_adapter(parts / "style"), style_strength)]
-
-
-def check_fraction(value: float, name: str) -> float:
-    if not 0.0 <= value <= 1.0:
-        raise ZipqError(f"{name} must be between 0 and 1, not {value}.")
-    return float(value)
+    first = detail_spec(load_adapter(merged if whole else parts / "subject"), subject_strength, subject_detail)
+    return [first] if whole else [first, (load_adapter(parts / "style"), check_strength(style_strength))]
 
 
 def merge_summary_json(step: MergeStep) -> str:
