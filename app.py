@@ -540,19 +540,20 @@ class Studio:
         return specs
 
     def _gen_config(self, prompt: str, negative: str, seed: float, steps: float, guidance: float, width: float,
-                    height: float, num_images: float) -> GenerateConfig:
+                    height: float, num_images: float, handoff: float = GenerateConfig.handoff) -> GenerateConfig:
         return GenerateConfig(prompt=prompt or "", negative_prompt=negative or "", seed=number(seed, "Seed", int),
                               steps=number(steps, "Steps", int), guidance=number(guidance, "Guidance"),
                               width=number(width, "Width", int), height=number(height, "Height", int),
-                              num_images=number(num_images, "Images", int))
+                              num_images=number(num_images, "Images", int), handoff=number(handoff, "Hand-off"))
 
     @user_errors
     def generate(self, session: str, prompt: str, negative: str, seed: float, steps: float, guidance: float,
                  width: float, height: float, num_images: float, subject_strength: float,
-                 style_strength: float, subject_detail: float = 1.0) -> tuple[list, list[str], str]:
+                 style_strength: float, subject_detail: float = 1.0,
+                 handoff: float = GenerateConfig.handoff) -> tuple[list, list[str], str]:
         """Generate with the merged adapter (or both adapters) at the slider strengths; PNGs are kept."""
         paths = self.paths(session)
-        cfg = self._gen_config(prompt, negative, seed, steps, guidance, width, height, num_images)
+        cfg = self._gen_config(prompt, negative, seed, steps, guidance, width, height, num_images, handoff)
         adapters = self._slider_adapters(paths, subject_strength, style_strength, subject_detail)
         busy = self.registry.running()
         if busy:  # training and merging hold the model: say so rather than look stuck
@@ -564,7 +565,7 @@ class Studio:
             (f"{len(adapters)} adapter(s)" if adapters else "the base model alone (no adapters trained yet)")
         note = (f"{len(images)} image(s) in {time.time() - started:.1f} s with {used}, subject strength "
                 f"{float(subject_strength):g}, style strength {float(style_strength):g}, subject in fine detail "
-                f"{float(subject_detail):g}.")
+                f"{float(subject_detail):g} below noise level {cfg.handoff:g}.")
         return [(f, f"seed {cfg.seed} · #{i + 1}") for i, f in enumerate(files)], files, note
 
     @user_errors
@@ -912,6 +913,10 @@ def _generate_tab(c: dict, base: BaseModel) -> None:
             with gr.Row():
                 c["gen_steps"] = gr.Slider(1, 100, value=20, step=1, label="Steps")
                 c["guidance"] = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance")
+                c["handoff"] = gr.Slider(
+                    0, 1, value=GenerateConfig.handoff, step=0.05, label="Hand-off (noise level)",
+                    info="Where 'Subject in fine detail' takes over: 1 = from the first step, 0 = never; higher "
+                         "gives the style more room, lower keeps more of the subject's shape.")
             with gr.Row():
                 c["width"] = gr.Slider(64, 2048, value=size, step=8, label="Width")
                 c["height"] = gr.Slider(64, 2048, value=size, step=8, label="Height")
@@ -981,7 +986,7 @@ def build_ui(base: BaseModel, secret: str | None = None) -> tuple[gr.Blocks, UI]
 TRAIN_INPUTS = ("session", "train_which", "method", "quantize", "int8", "rank", "steps", "lr", "resolution",
                 "prior", "sample_every")
 GEN_INPUTS = ("session", "prompt", "negative", "seed", "gen_steps", "guidance", "width", "height", "num_images",
-              "subject_strength", "style_strength", "subject_detail")
+              "subject_strength", "style_strength", "subject_detail", "handoff")
 POLL_TARGETS = ("train_status", "subject_plot", "style_plot", "train_samples", "subject_dl", "style_dl",
                 "merge_status", "merge_plot", "merged_dl", "flow_status", "flow_gallery", "seen")
 EXAMPLE_TARGETS = ("subject_gallery", "subject_notes", "subject_token", "subject_noun", "style_gallery",

@@ -72,7 +72,7 @@ def test_whole_flow_examples_train_merge_generate(client, server):
     assert (merge["kind"], merge["status"]) == ("merge", "done"), merge
 
     gallery, files, note = client.predict(session, prompt, "", 3, 10, 5.0, 64, 64, 2, 1.0, 0.7,
-                                          0.5, api_name="/generate")
+                                          0.5, 0.5, api_name="/generate")
     assert len(gallery) == 2 and len(files) == 2 and "merged adapter" in note
     assert all(Path(f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
 
@@ -196,5 +196,9 @@ def test_browser_secret_survives_restarts_and_is_not_served(tmp_path):
 def test_empty_number_fields_are_named_not_crashes(client):
     session = client.predict(api_name="/new_session")
     with pytest.raises(Exception) as excinfo:
-        client.predict(session, "a photo of sks", "", None, 10, 5.0, 64, 64, 1, 1.0, 1.0, 1.0, api_name="/generate")
+        client.predict(session, "a photo of sks", "", None, 10, 5.0, 64, 64, 1, 1.0, 1.0, 1.0, 0.5,
+                       api_name="/generate")
     assert "Seed needs a number" in str(excinfo.value) and "TypeError" not in str(excinfo.value)
+    with pytest.raises(Exception) as excinfo:  # an API call is held to the hand-off slider's range, with a message
+        client.predict(session, "a photo of sks", "", 0, 10, 5.0, 64, 64, 1, 1.0, 1.0, 0.5, 1.5, api_name="/generate")
+    assert "1.5 is greater than maximum value 1" in str(excinfo.value)
