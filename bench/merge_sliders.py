@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 from common import emit_json  # first: it puts the checkout on the import path
-from merge_quality import PAIRS, add_recipe_args, score, train
+from merge_quality import PAIRS, add_recipe_args, sample, score, train
 
-from zipq_core import GenerateConfig, generate, load_base
+from zipq_core import load_base
 from zipq_core.evaluate import load_evaluator
 from zipq_core.merge import MergeConfig, merge_adapters, slider_adapters
 
-GRID = [(0.8, 1.0), (0.8, 1.25), (1.0, 1.0), (1.0, 1.25), (1.0, 1.5), (1.25, 1.0), (1.25, 1.25), (1.25, 1.5)]
+GRID = [(1.0, 1.0), (1.25, 1.0), (1.25, 1.25), (1.25, 1.5), (1.5, 1.0), (1.5, 1.25), (1.5, 1.5)]
 METHODS = ("direct", "zipq")
 
 
@@ -48,8 +48,7 @@ def run_pair(base, evaluator, subject: str, style: str, args, work: Path) -> dic
             pass
         out[method] = {}
         for (s, t), d in itertools.product(GRID, args.details):
-            images = generate(base, GenerateConfig(prompt=prompt, seed=1000 * args.seed, steps=20,
-                                                   num_images=args.images), slider_adapters(merged, s, t, d))
+            images = sample(base, prompt, 1000 * args.seed, args.images, slider_adapters(merged, s, t, d))
             scores = score(images, subject, style, evaluator)
             out[method][f"{s}/{t}/{d}"] = {k: scores[k] for k in ("subject_fidelity", "style_fidelity")}
     return out

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PATH[:STRENGTH], strength 0–1.5 (default 1); repeatable")
     g.add_argument("--merged", default=None,
                    help="a merged adapter folder, generated with its subject and style sliders (below)")
-    g.add_argument("--subject-strength", type=float, default=1.25, help="merged adapter: subject part strength")
+    g.add_argument("--subject-strength", type=float, default=1.5, help="merged adapter: subject part strength")
     g.add_argument("--style-strength", type=float, default=1.25, help="merged adapter: style part strength")
     g.add_argument("--subject-detail", type=float, default=0.5,
                    help="merged adapter: the subject part's strength below the hand-off, as a fraction "

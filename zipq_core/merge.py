@@ -491,14 +491,16 @@ def save_merged(pipe, subject_part: Adapter, style_part: Adapter, out_dir: Path,
 class Sliders:
     """Strengths to generate with from a merged adapter: the app's, the CLI's and the benchmark's defaults.
 
-    `python bench/merge_sliders.py` (mini, 4 held-out pairs, seed 0, 8 images each), subject / style fidelity:
-    ZipQDoRA at 1/1 0.747 / 0.545, at 1.25/1.25 0.781 / 0.559, at 1.25/1.25 with the subject part at half
-    strength below the hand-off (GenerateConfig.handoff = 0.5) 0.768 / 0.693; the direct merge at those last
-    sliders 0.751 / 0.623. The subject part decides the layout at high noise; left at full strength in the late
-    steps it paints its training images' flat fill over the style's texture.
+    Chosen on mini's 4 held-out pairs at seeds 0 and 1 (bench/merge_quality.py's adapters, 32 images per
+    setting), subject / style fidelity: ZipQDoRA at constant 1/1 0.647 / 0.452; with the subject part at half
+    strength below the hand-off (GenerateConfig.handoff) at 1.25/1.25 0.640 / 0.556, at 1.5/1.5 0.723 / 0.541,
+    at 1.5/1.25 0.773 / 0.485; the direct merge at constant 1/1 0.707 / 0.407, at 1.5/1.25 with the hand-off
+    0.802 / 0.447. 1.5/1.25 keeps the most subject, with 19 % more style than the direct merge at 1/1. The subject
+    part decides the layout at high noise; left at full strength in the late steps it paints its training
+    images' flat fill over the style's texture.
     """
 
-    subject: float = 1.25
+    subject: float = 1.5
     style: float = 1.25
     subject_detail: float = 0.5  # the subject part's strength below the hand-off, as a fraction of `subject`
 
