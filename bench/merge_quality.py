@@ -206,10 +206,10 @@ def main() -> None:
     with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
                                                 initializer=_load_worker, initargs=(args.workers,)) as pool:
         futures = [pool.submit(_run_task, *task, args) for task in tasks]
+        runs = []
         for (subject, style, seed), future in zip(tasks, futures):
-            future.result()  # in task order, so the JSON does not depend on the number of workers
+            runs.append(future.result())  # in task order, so the JSON does not depend on the number of workers
             print(f"{subject} × {style} seed {seed}: done at {time.time() - started:.0f} s", file=sys.stderr)
-    runs = [future.result() for future in futures]
     result = {**aggregate(runs), "settings": vars(args) | {"out": str(args.out), "markdown": str(args.markdown)},
               "seconds": time.time() - started, "per_run": runs}
     emit_json(result, args.out)

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 from common import emit_json  # first: it puts the checkout on the import path
-from merge_quality import PAIRS, add_recipe_args, sample, score, train
+from merge_quality import PAIRS, add_recipe_args, merge, sample, score, train
 
 from zipq_core import load_base
 from zipq_core.evaluate import load_evaluator
-from zipq_core.merge import MergeConfig, merge_adapters, slider_adapters
+from zipq_core.merge import slider_adapters
 
 GRID = [(1.0, 1.0), (1.25, 1.0), (1.25, 1.25), (1.25, 1.5), (1.5, 1.0), (1.5, 1.25), (1.5, 1.5)]
 METHODS = ("direct", "zipq")
@@ -41,11 +41,9 @@ def run_pair(base, evaluator, subject: str, style: str, args, work: Path) -> dic
     style_dir = train(base, "style", style, "dora", args.steps, args.seed, args.lr, work / "style")
     prompt = f"a photo of sks {subject} in zkz style"
     out: dict = {}
+    dirs = {"subject_dora": subject_dir, "style_dora": style_dir}
     for method in METHODS:
-        merged = work / method
-        cfg = MergeConfig(method=method, steps=args.merge_steps, learning_rate=args.merge_lr, seed=args.seed)
-        for _ in merge_adapters(base, subject_dir, style_dir, cfg, merged):
-            pass
+        merged, _, _ = merge(base, method, dirs, args.seed, args, work)
         out[method] = {}
         for (s, t), d in itertools.product(GRID, args.details):
             images = sample(base, prompt, 1000 * args.seed, args.images, slider_adapters(merged, s, t, d))
