@@ -57,15 +57,17 @@ def train(base, kind: str, name: str, method: str, steps: int, seed: int, lr: fl
     return out
 
 
-def sample(base, prompt: str, seed: int, count: int, adapters) -> list:
-    """`count` images in batches of 8 (GenerateConfig's batch limit is 16), batch k seeded `seed + k`.
+def sample(base, prompt: str, seed: int, count: int, adapters, **options) -> list:
+    """`count` images in batches of 8 (GenerateConfig's batch limit is 16), batch k seeded `seed + k`; `options`
+    are further GenerateConfig fields (handoff, negative_prompt).
 
     8 images per setting was too few: with the same adapters, the 4-pair mean of ZipQDoRA at seed 0 scored
     0.768 / 0.693 on 8 images and 0.648 / 0.602 on 64 (its sliders had been chosen on those 8).
     """
     images = []
     for k, start in enumerate(range(0, count, 8)):
-        config = GenerateConfig(prompt=prompt, seed=seed + k, steps=20, num_images=min(8, count - start))
+        config = GenerateConfig(prompt=prompt, seed=seed + k, steps=20, num_images=min(8, count - start),
+                                **options)
         images += generate(base, config, adapters)
     return images
 
@@ -187,9 +189,23 @@ def _load_worker(workers: int) -> None:
     _WORKER.update(base=load_base("mini"), evaluator=load_evaluator())
 
 
-def _run_task(subject: str, style: str, seed: int, args) -> dict:
+def _run_task(run, subject: str, style: str, seed: int, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        return run_pair(_WORKER["base"], _WORKER["evaluator"], subject, style, seed, args, Path(tmp))
+        return run(_WORKER["base"], _WORKER["evaluator"], subject, style, seed, args, Path(tmp))
+
+
+def run_tasks(run, tasks: list[tuple[str, str, int]], args) -> list[dict]:
+    """`run(base, evaluator, subject, style, seed, args, work)` for each (subject, style, seed) in `args.workers`
+    spawned processes (`run` must be a module-level function); results in task order, so the JSON does not
+    depend on the number of workers."""
+    started, runs = time.time(), []
+    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_load_worker, initargs=(args.workers,)) as pool:
+        futures = [pool.submit(_run_task, run, *task, args) for task in tasks]
+        for (subject, style, seed), future in zip(tasks, futures):
+            runs.append(future.result())
+            print(f"{subject} × {style} seed {seed}: done at {time.time() - started:.0f} s", file=sys.stderr)
+    return runs
 
 
 def main() -> None:
@@ -203,13 +219,7 @@ def main() -> None:
     args = parser.parse_args()
     tasks = [(subject, style, seed) for subject, style in PAIRS[: args.pairs] for seed in range(args.seeds)]
     started = time.time()
-    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_load_worker, initargs=(args.workers,)) as pool:
-        futures = [pool.submit(_run_task, *task, args) for task in tasks]
-        runs = []
-        for (subject, style, seed), future in zip(tasks, futures):
-            runs.append(future.result())  # in task order, so the JSON does not depend on the number of workers
-            print(f"{subject} × {style} seed {seed}: done at {time.time() - started:.0f} s", file=sys.stderr)
+    runs = run_tasks(run_pair, tasks, args)
     result = {**aggregate(runs), "settings": vars(args) | {"out": str(args.out), "markdown": str(args.markdown)},
               "seconds": time.time() - started, "per_run": runs}
     emit_json(result, args.out)
