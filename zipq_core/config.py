@@ -34,6 +34,7 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
 }
 DEFAULT_TARGETS: tuple[str, ...] = TARGET_PRESETS["full"]
 MAX_STRENGTH = 1.5
+MAX_CANDIDATES = 8  # images generated per returned image (GenerateConfig.candidates)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -161,9 +162,13 @@ class GenerateConfig:
     # Noise level (fraction of the training timesteps) below which adapters given a detail strength switch
     # to it. 0.5 on mini: the layout is settled by then and the texture not yet drawn.
     handoff: float = 0.5
+    # Images generated per returned image; the adapters pick the best (zipq_core.rerank). 1 = a plain request.
+    candidates: int = 1
 
     def __post_init__(self) -> None:
         _check(bool(self.prompt.strip()), "Write a prompt: the images are generated from it.")
+        _check(1 <= self.candidates <= MAX_CANDIDATES,
+               f"candidates per image must be between 1 and {MAX_CANDIDATES}, not {self.candidates}.")
         _check(0.0 <= self.handoff <= 1.0, f"the hand-off must be between 0 and 1, not {self.handoff}.")
         _check(1 <= self.steps <= 200, f"steps must be between 1 and 200, not {self.steps}.")
         _check(0.0 <= self.guidance <= 30.0, f"guidance must be between 0 and 30, not {self.guidance}.")

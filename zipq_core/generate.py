@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 from PIL import Image
@@ -12,6 +13,7 @@ from .adapters import Adapter, Phases, applied_phases, load_adapter
 from .base import BaseModel
 from .config import GenerateConfig, check_fraction, check_strength
 from .errors import ZipqError
+from .rerank import best_of, candidate_scores, candidate_seed, judges_for
 
 
 def parse_adapter_arg(text: str) -> tuple[str, float]:
@@ -49,17 +51,40 @@ def generate(base: BaseModel, config: GenerateConfig, adapters: Sequence[Adapter
     and the base weights are restored afterwards, bit for bit. An adapter given a detail strength is
     re-fused once, when the denoising reaches `config.handoff`: a merged adapter's subject part at full
     strength while the layout forms and weaker while texture is drawn lets the style's texture through
-    (bench/merge_quality.py measures it).
+    (bench/merge_quality.py measures it). With `config.candidates` = K > 1, K rounds of images are drawn
+    (round 0 from the request's seed) and the adapters themselves pick the best of each image's K
+    candidates (zipq_core.rerank); without adapters there is nothing to judge and one round is drawn.
 
     Args:
         base: the loaded base model.
-        config: prompt, seed, steps, guidance, size, count, hand-off noise level.
+        config: prompt, seed, steps, guidance, size, count, hand-off noise level, candidates per image.
         adapters: (adapter, strength[, detail strength]), strengths in [0, 1.5]; 0 leaves the base untouched.
-        on_step: called as on_step(step, total) after each denoising step.
+        on_step: called as on_step(step, total) after each denoising step (total counts every round).
 
     Returns:
         `config.num_images` PIL images.
     """
+    active = [spec[0] for spec in adapters if max(spec[1], spec[-1]) > 0]
+    rounds = config.candidates if active else 1
+    with base.lock:
+        images: list[Image.Image] = []
+        for k in range(rounds):
+            progress = None if on_step is None else _round_progress(on_step, k, rounds, config.steps)
+            images += _render(base, replace(config, seed=candidate_seed(config.seed, k)), adapters, progress)
+        if rounds == 1:
+            return images
+        scores = candidate_scores(base, images, judges_for(active), config.prompt)
+    return [images[i] for i in best_of(scores, config.num_images, rounds)]
+
+
+def _round_progress(on_step: Callable[[int, int], None], k: int, rounds: int,
+                    steps: int) -> Callable[[int, int], None]:
+    return lambda step, _: on_step(k * steps + step, rounds * steps)
+
+
+def _render(base: BaseModel, config: GenerateConfig, adapters: Sequence[AdapterSpec],
+            on_step: Callable[[int, int], None] | None) -> list[Image.Image]:
+    """One pipeline call: `config.num_images` images from `config.seed`."""
     callback = None
     if on_step is not None:
         def callback(pipe, step, timestep, kwargs):  # diffusers' callback_on_step_end signature
