@@ -34,11 +34,11 @@ import gradio as gr
 
 from zipq_core import GenerateConfig, TrainConfig, ZipqError, generate, load_adapter, load_base, train_adapter
 from zipq_core.base import BaseModel
-from zipq_core.config import check_strength
+from zipq_core.config import MAX_CANDIDATES, check_strength
 from zipq_core.data import DataConfig, ImageSet, prepare_images
 from zipq_core.generate import detail_spec
 from zipq_core.jobs import FINISHED, Job, JobContext, JobRegistry, check_session_id, new_session_id
-from zipq_core.merge import METHODS, MergeConfig, Sliders, merge_adapters, slider_adapters
+from zipq_core.merge import METHODS, MergeConfig, Sliders, default_candidates, merge_adapters, slider_adapters
 from zipq_core.train import latest_checkpoint
 
 try:  # ZeroGPU Spaces: GPU work must be decorated; elsewhere `spaces` is absent and this is a no-op.
@@ -540,20 +540,23 @@ class Studio:
         return specs
 
     def _gen_config(self, prompt: str, negative: str, seed: float, steps: float, guidance: float, width: float,
-                    height: float, num_images: float, handoff: float = GenerateConfig.handoff) -> GenerateConfig:
+                    height: float, num_images: float, handoff: float = GenerateConfig.handoff,
+                    candidates: float = 1) -> GenerateConfig:
         return GenerateConfig(prompt=prompt or "", negative_prompt=negative or "", seed=number(seed, "Seed", int),
                               steps=number(steps, "Steps", int), guidance=number(guidance, "Guidance"),
                               width=number(width, "Width", int), height=number(height, "Height", int),
-                              num_images=number(num_images, "Images", int), handoff=number(handoff, "Hand-off"))
+                              num_images=number(num_images, "Images", int), handoff=number(handoff, "Hand-off"),
+                              candidates=number(candidates, "Candidates per image", int))
 
     @user_errors
     def generate(self, session: str, prompt: str, negative: str, seed: float, steps: float, guidance: float,
                  width: float, height: float, num_images: float, subject_strength: float,
-                 style_strength: float, subject_detail: float = 1.0,
-                 handoff: float = GenerateConfig.handoff) -> tuple[list, list[str], str]:
+                 style_strength: float, subject_detail: float = 1.0, handoff: float = GenerateConfig.handoff,
+                 candidates: float = 1) -> tuple[list, list[str], str]:
         """Generate with the merged adapter (or both adapters) at the slider strengths; PNGs are kept."""
         paths = self.paths(session)
-        cfg = self._gen_config(prompt, negative, seed, steps, guidance, width, height, num_images, handoff)
+        cfg = self._gen_config(prompt, negative, seed, steps, guidance, width, height, num_images, handoff,
+                               candidates)
         adapters = self._slider_adapters(paths, subject_strength, style_strength, subject_detail)
         busy = self.registry.running()
         if busy:  # training and merging hold the model: say so rather than look stuck
@@ -565,7 +568,8 @@ class Studio:
             (f"{len(adapters)} adapter(s)" if adapters else "the base model alone (no adapters trained yet)")
         note = (f"{len(images)} image(s) in {time.time() - started:.1f} s with {used}, subject strength "
                 f"{float(subject_strength):g}, style strength {float(style_strength):g}, subject in fine detail "
-                f"{float(subject_detail):g} below noise level {cfg.handoff:g}.")
+                f"{float(subject_detail):g} below noise level {cfg.handoff:g}"
+                + (f", each the best of {cfg.candidates} candidates." if cfg.candidates > 1 and adapters else "."))
         return [(f, f"seed {cfg.seed} · #{i + 1}") for i, f in enumerate(files)], files, note
 
     @user_errors
@@ -626,7 +630,7 @@ class Studio:
         jobs.append(self._submit_merge(session, merge_cfg, after))
         after = [jobs[-1].id]
         size = self.base.default_size
-        cfg = self._gen_config(prompt, "", seed, 20, 5.0, size, size, 4)
+        cfg = self._gen_config(prompt, "", seed, 20, 5.0, size, size, 4, candidates=default_candidates(self.base))
         jobs.append(self.registry.submit(session, "generate", functools.partial(self._flow_generate, cfg, paths),
                                          label="generate", after=after))
         write_settings(paths, replace(s, flow_jobs=tuple(j.id for j in jobs)))
@@ -921,6 +925,10 @@ def _generate_tab(c: dict, base: BaseModel) -> None:
                 c["width"] = gr.Slider(64, 2048, value=size, step=8, label="Width")
                 c["height"] = gr.Slider(64, 2048, value=size, step=8, label="Height")
                 c["num_images"] = gr.Slider(1, 8, value=4, step=1, label="Images")
+            c["candidates"] = gr.Slider(
+                1, MAX_CANDIDATES, value=default_candidates(base), step=1, label="Candidates per image",
+                info="Each image is the best of this many, picked by your own adapters (the one that each adapter "
+                     "denoises better than the base model does). Every candidate costs a generation.")
             c["gen_btn"] = gr.Button("Generate", variant="primary")
         with gr.Column(scale=1):
             c["gen_gallery"] = gr.Gallery(label="Images (PNG)", columns=4, height=360, format="png",
@@ -931,8 +939,9 @@ def _generate_tab(c: dict, base: BaseModel) -> None:
 
 def _compare_tab(c: dict, base: BaseModel) -> None:
     gr.Markdown("One prompt and seed through the base model, each adapter alone, the direct merge and the learned "
-                "merge." + (" Scores come from the offline evaluator (probability of the training subject/style and "
-                            "feature similarity to the training images)." if base.is_mini else ""))
+                "merge, one candidate per image (the columns compare the adapters, not the picking)."
+                + (" Scores come from the offline evaluator (probability of the training subject/style and "
+                   "feature similarity to the training images)." if base.is_mini else ""))
     with gr.Row():
         c["cmp_prompt"] = gr.Textbox(Settings().prompt, label="Prompt", scale=3)
         c["cmp_seed"] = gr.Number(0, precision=0, minimum=0, label="Seed", scale=1)
@@ -986,7 +995,7 @@ def build_ui(base: BaseModel, secret: str | None = None) -> tuple[gr.Blocks, UI]
 TRAIN_INPUTS = ("session", "train_which", "method", "quantize", "int8", "rank", "steps", "lr", "resolution",
                 "prior", "sample_every")
 GEN_INPUTS = ("session", "prompt", "negative", "seed", "gen_steps", "guidance", "width", "height", "num_images",
-              "subject_strength", "style_strength", "subject_detail", "handoff")
+              "subject_strength", "style_strength", "subject_detail", "handoff", "candidates")
 POLL_TARGETS = ("train_status", "subject_plot", "style_plot", "train_samples", "subject_dl", "style_dl",
                 "merge_status", "merge_plot", "merged_dl", "flow_status", "flow_gallery", "seen")
 EXAMPLE_TARGETS = ("subject_gallery", "subject_notes", "subject_token", "subject_noun", "style_gallery",

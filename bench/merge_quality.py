@@ -3,9 +3,11 @@
 For each held-out subject × held-out style pair and seed: train subject and style DoRA (and LoRA for
 ZipLoRA) with the core's train function, merge with every method, generate "<subject prompt> in <style
 token> style" images and score them with the offline evaluator. `zipq` and `zipq_int8` generate as the app
-does (merge.Sliders: strengths 1.5/1.25, the subject part at half strength below the hand-off);
-`zipq_constant` is the same merge at constant 1/1 (its single file in any other tool) and `direct_handoff`
-the direct merge with the app's sliders. The other methods generate at constant 1/1. Prints and writes JSON:
+does on mini (merge.Sliders: the strengths, the subject part weaker below the hand-off, and each image the best
+of `Sliders.candidates`, picked by the adapters themselves: zipq_core.rerank); `zipq_one` is the same with one
+candidate per image, `zipq_constant` the same merge at constant 1/1 (its single file in any other tool);
+`direct_handoff` and `direct_best_of` are the direct merge generated like `zipq_one` and `zipq`. The other
+methods generate at constant 1/1 with one candidate. Prints and writes JSON:
 
     methods.<name>.{subject_fidelity, style_fidelity, prompt_adherence, merge_seconds, adapter_bytes, …}
     int8_size_ratio, int8_image_mean_abs_diff / _max_abs_diff (INT8 vs float ZipQDoRA images, 0–255),
@@ -24,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,11 +42,14 @@ from zipq_core.quantize import save_adapter_int8
 EXAMPLES = ROOT / "assets" / "examples"
 PAIRS = [("heart", "hatching"), ("moon", "grid"), ("arrow", "zigzag"), ("bolt", "bullseye"),
          ("heart", "zigzag"), ("moon", "bullseye"), ("arrow", "grid"), ("bolt", "hatching")]
-METHODS = ["subject_only", "style_only", "direct", "direct_handoff", "zip", "zipq", "zipq_int8", "zipq_constant",
-           "ties", "dare", "blora"]
-CONSTANT = Sliders(subject=1.0, style=1.0, subject_detail=1.0)
-# Rows that reuse another row's merge, generated with other sliders.
-REUSE = {"direct_handoff": "direct", "zipq_constant": "zipq"}
+METHODS = ["subject_only", "style_only", "direct", "direct_handoff", "direct_best_of", "zip", "zipq", "zipq_int8",
+           "zipq_one", "zipq_constant", "ties", "dare", "blora"]
+CONSTANT = Sliders(subject=1.0, style=1.0, subject_detail=1.0, candidates=1)
+ONE = replace(Sliders(), candidates=1)
+# How each merged row generates (the default: CONSTANT), and rows that reuse another row's merge.
+SLIDERS = {"zipq": Sliders(), "zipq_int8": Sliders(), "direct_best_of": Sliders(), "zipq_one": ONE,
+           "direct_handoff": ONE}
+REUSE = {"direct_handoff": "direct", "direct_best_of": "direct", "zipq_one": "zipq", "zipq_constant": "zipq"}
 
 
 def train(base, kind: str, name: str, method: str, steps: int, seed: int, lr: float, out: Path) -> Path:
@@ -59,7 +65,7 @@ def train(base, kind: str, name: str, method: str, steps: int, seed: int, lr: fl
 
 def sample(base, prompt: str, seed: int, count: int, adapters, **options) -> list:
     """`count` images in batches of 8 (GenerateConfig's batch limit is 16), batch k seeded `seed + k`; `options`
-    are further GenerateConfig fields (handoff, negative_prompt).
+    are further GenerateConfig fields (handoff, negative_prompt, candidates).
 
     8 images per setting was too few: with the same adapters, the 4-pair mean of ZipQDoRA at seed 0 scored
     0.768 / 0.693 on 8 images and 0.648 / 0.602 on 64 (its sliders had been chosen on those 8).
@@ -105,9 +111,10 @@ def run_pair(base, evaluator, subject: str, style: str, seed: int, args, work: P
             if method not in REUSE:
                 merged[method] = merge(base, method, dirs, seed, args, work)
             out, seconds, size = merged[REUSE.get(method, method)]
-            sliders = Sliders() if method in ("zipq", "zipq_int8", "direct_handoff") else CONSTANT
+            sliders = SLIDERS.get(method, CONSTANT)
             adapters = slider_adapters(out, sliders.subject, sliders.style, sliders.subject_detail)
-        images = sample(base, prompt, 1000 * seed, args.images, adapters)
+        candidates = SLIDERS.get(method, CONSTANT).candidates
+        images = sample(base, prompt, 1000 * seed, args.images, adapters, candidates=candidates)
         images_of[method] = images
         results[method] = {**score(images, subject, style, evaluator), "merge_seconds": seconds,
                            "adapter_bytes": size}

@@ -54,7 +54,7 @@ DECODER = "unet.up_blocks."
 SCHEDULES = [
     Schedule("subject_only", single="subject"),
     Schedule("style_only", single="style"),
-    Schedule("app"),  # merge.Sliders: 1.5 / 1.25, subject detail 0.5
+    Schedule("app"),  # merge.Sliders when this ran: 1.5 / 1.25, subject detail 0.5, one candidate
     Schedule("constant_1_1", subject=(1.0, 1.0), style=(1.0, 1.0)),
     Schedule("direct_app", method="direct"),
     Schedule("style_late_only", style=(0.0, 1.5)),

@@ -72,8 +72,8 @@ def test_whole_flow_examples_train_merge_generate(client, server):
     assert (merge["kind"], merge["status"]) == ("merge", "done"), merge
 
     gallery, files, note = client.predict(session, prompt, "", 3, 10, 5.0, 64, 64, 2, 1.0, 0.7,
-                                          0.5, 0.5, api_name="/generate")
-    assert len(gallery) == 2 and len(files) == 2 and "merged adapter" in note
+                                          0.5, 0.5, 2, api_name="/generate")
+    assert len(gallery) == 2 and len(files) == 2 and "merged adapter" in note and "best of 2 candidates" in note
     assert all(Path(f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
 
     # The download buttons now point at the three adapter files (what the Train and Merge tabs show).

@@ -77,15 +77,23 @@ def test_generate_merged_sliders(trained, tmp_path):
     _cli("generate", *common, "--out", str(tmp_path / "base.png"))
     _cli("generate", "--merged", str(tmp_path / "m"), "--subject-strength", "0", "--style-strength", "0", *common,
          "--out", str(tmp_path / "zero.png"))
-    _cli("generate", "--merged", str(tmp_path / "m"), "--subject-detail", "1", *common,
+    _cli("generate", "--merged", str(tmp_path / "m"), "--subject-detail", "1", "--candidates", "1", *common,
          "--out", str(tmp_path / "constant.png"))
-    summary = json.loads(_cli("generate", "--merged", str(tmp_path / "m"), *common,
+    summary = json.loads(_cli("generate", "--merged", str(tmp_path / "m"), "--candidates", "1", *common,
                               "--out", str(tmp_path / "detail.png")).stdout)
     base, zero, constant, detail = (np.asarray(Image.open(tmp_path / f"{n}.png"))
                                     for n in ("base", "zero", "constant", "detail"))
     assert np.array_equal(base, zero)
     assert not np.array_equal(constant, detail) and not np.array_equal(base, detail)
-    assert summary["merged"]["subject_detail"] == 0.5
+    assert summary["merged"]["subject_detail"] == 0.5 and summary["candidates"] == 1
+    from zipq_core.merge import Sliders
+
+    picked = json.loads(_cli("generate", "--merged", str(tmp_path / "m"), *common,
+                             "--out", str(tmp_path / "picked.png")).stdout)
+    assert picked["candidates"] == Sliders.candidates  # mini's default for a merge
+    bad = _cli("generate", "--merged", str(tmp_path / "m"), "--candidates", "9", *common,
+               "--out", str(tmp_path / "x.png"), check=False)
+    assert bad.returncode != 0 and "candidates per image" in bad.stderr and "Traceback" not in bad.stderr
     bad = _cli("generate", "--merged", str(tmp_path / "m"), "--subject-detail", "2", *common,
                "--out", str(tmp_path / "x.png"), check=False)
     assert bad.returncode != 0 and "subject detail" in bad.stderr and "Traceback" not in bad.stderr

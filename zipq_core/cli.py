@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--merged", default=None,
                    help="a merged adapter folder, generated with its subject and style sliders (below)")
     g.add_argument("--subject-strength", type=float, default=1.5, help="merged adapter: subject part strength")
-    g.add_argument("--style-strength", type=float, default=1.25, help="merged adapter: style part strength")
+    g.add_argument("--style-strength", type=float, default=1.5, help="merged adapter: style part strength")
     g.add_argument("--subject-detail", type=float, default=0.5,
                    help="merged adapter: the subject part's strength below the hand-off, as a fraction "
                         "(1 = constant strengths, as the merged file gives in other tools)")
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--candidates", type=int, default=None,
+                   help="images generated per returned image, the best picked by the adapters themselves "
+                        "(default: with --merged on mini 8, else 1)")
     g.add_argument("--out", required=True, help="image path (several images: name_0.png, name_1.png …)")
 
     m = sub.add_parser("merge", help="merge a subject and a style adapter (zipq, zip, direct, ties, dare, blora)")
@@ -179,18 +182,20 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     from .base import load_base
     from .config import GenerateConfig
     from .generate import generate, load_adapters
+    from .merge import default_candidates
 
     base = load_base(args.base, args.device, args.dtype)
     size = base.default_size
+    candidates = args.candidates if args.candidates is not None else (default_candidates(base) if args.merged else 1)
     cfg = GenerateConfig(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
                          guidance=args.guidance, width=args.width or size, height=args.height or size,
-                         num_images=args.num_images, handoff=args.handoff)
+                         num_images=args.num_images, handoff=args.handoff, candidates=candidates)
     adapters = load_adapters(args.adapter)
     if args.merged:
         from .merge import slider_adapters
 
         adapters += slider_adapters(args.merged, args.subject_strength, args.style_strength, args.subject_detail)
-    bar = _Bar(cfg.steps, "generate")
+    bar = _Bar(cfg.steps * cfg.candidates, "generate")
     started = time.time()
     try:
         images = generate(base, cfg, adapters, on_step=lambda i, n: bar.update_to(i))
@@ -202,7 +207,7 @@ def cmd_generate(args: argparse.Namespace) -> dict:
                                             for i in range(len(images))]
     for image, path in zip(images, paths):
         image.save(path)
-    return {"images": [str(p) for p in paths], "seconds": round(time.time() - started, 2),
+    return {"images": [str(p) for p in paths], "seconds": round(time.time() - started, 2), "candidates": candidates,
             "adapters": [{"path": a, "strength": s} for a, s in zip(args.adapter, [s[1] for s in adapters])],
             **({"merged": {"path": args.merged, "subject_strength": args.subject_strength,
                            "style_strength": args.style_strength, "subject_detail": args.subject_detail,

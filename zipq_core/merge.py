@@ -489,20 +489,37 @@ def save_merged(pipe, subject_part: Adapter, style_part: Adapter, out_dir: Path,
 
 @dataclass(frozen=True)
 class Sliders:
-    """Strengths to generate with from a merged adapter: the app's, the CLI's and the benchmark's defaults.
+    """How to generate from a merged adapter: the app's, the CLI's and the benchmark's defaults on mini.
 
-    Chosen on mini's 4 held-out pairs at seeds 0 and 1 (bench/merge_quality.py's adapters, 32 images per
-    setting), subject / style fidelity: ZipQDoRA at constant 1/1 0.647 / 0.452; with the subject part at half
-    strength below the hand-off (GenerateConfig.handoff) at 1.25/1.25 0.640 / 0.556, at 1.5/1.5 0.723 / 0.541,
-    at 1.5/1.25 0.773 / 0.485; the direct merge at constant 1/1 0.707 / 0.407, at 1.5/1.25 with the hand-off
-    0.802 / 0.447. 1.5/1.25 keeps the most subject, with 19 % more style than the direct merge at 1/1. The subject
-    part decides the layout at high noise; left at full strength in the late steps it paints its training
-    images' flat fill over the style's texture.
+    The subject part decides the layout at high noise; left at full strength in the late steps it paints its
+    training images' flat fill over the style's texture, hence `subject_detail`. Which initial noise an image
+    starts from matters more than any slider (a large shape shows its texture, a thin one cannot), hence
+    `candidates`: each image is the best of several, picked by the two parts (zipq_core.rerank).
+
+    Chosen on mini's 4 held-out pairs with bench/merge_quality.py's adapters at seeds 0 and 1 (32 images per
+    setting, subject / style fidelity, seed 0 then seed 1). One candidate at 1.5/1.25: 0.735 / 0.475 and
+    0.755 / 0.433 (bench/merge_schedules.py's `app` rows). Best of 4 at 1.5/1.25: 0.822 / 0.616 and 0.822 / 0.579;
+    at 1.5/1.5: 0.763 / 0.667 and 0.771 / 0.599. Best of 8 at 1.5/1.5: 0.794 / 0.667 and 0.857 / 0.660; the same
+    with the style judge weighted 1.5: 0.695 / 0.689 and 0.779 / 0.723. The defaults take best of 8 at 1.5/1.5
+    with the style judge at 1.25 (rerank.WEIGHTS), between the last two (not probed itself; seed 2 of the
+    benchmark is out of sample for all of it). Earlier, with one candidate (seeds 0-1): ZipQDoRA at constant 1/1
+    0.647 / 0.452, at 1.5/1.25 with the subject part at half strength below the hand-off 0.773 / 0.485; the
+    direct merge at constant 1/1 0.707 / 0.407.
     """
 
     subject: float = 1.5
-    style: float = 1.25
+    style: float = 1.5
     subject_detail: float = 0.5  # the subject part's strength below the hand-off, as a fraction of `subject`
+    candidates: int = 8  # images generated per returned image on mini (see default_candidates)
+
+
+def default_candidates(base: BaseModel) -> int:
+    """Candidates per image the app and the CLI start with: `Sliders.candidates` on mini, 1 elsewhere.
+
+    Every candidate costs a full generation; on mini that is a fraction of a second, on SDXL seconds to
+    minutes, and the gain was measured on mini only (bench/merge_quality.py), so a real model starts at one.
+    """
+    return Sliders.candidates if base.is_mini else 1
 
 
 def slider_adapters(merged_dir: str | Path, subject_strength: float, style_strength: float,
