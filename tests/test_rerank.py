@@ -19,6 +19,7 @@ from zipq_core.rerank import (
     candidate_seed,
     evidence,
     judges_for,
+    weakest,
 )
 from zipq_core.train import load_training_views
 
@@ -59,6 +60,15 @@ def test_best_of_picks_each_image_among_its_own_rounds():
     scores = torch.tensor([0.1, 0.9, 0.5,    # round 0: images 0, 1, 2
                            0.7, 0.2, 0.5])   # round 1
     assert best_of(scores, count=3, rounds=2) == [3, 1, 2]  # a tie keeps the earliest round
+
+
+def test_a_candidate_scores_its_weakest_concept():
+    """Clear on one concept and absent on the other loses to fair on both, whatever the evidence's scale."""
+    subject = torch.tensor([3.0, 0.0, 1.5, 0.2])
+    style = torch.tensor([0.0, 3.0, 1.5, 0.1]) * 100
+    scores = weakest([subject, style])
+    assert int(scores.argmax()) == 2
+    assert torch.allclose(weakest([subject]), (subject - subject.mean()) / subject.std())
 
 
 def test_candidates_return_one_of_each_images_own_candidates(subject):

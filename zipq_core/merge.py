@@ -498,13 +498,15 @@ class Sliders:
 
     Chosen on mini's 4 held-out pairs with bench/merge_quality.py's adapters at seeds 0 and 1 (32 images per
     setting, subject / style fidelity, seed 0 then seed 1). One candidate at 1.5/1.25: 0.735 / 0.475 and
-    0.755 / 0.433 (bench/merge_schedules.py's `app` rows). Best of 4 at 1.5/1.25: 0.822 / 0.616 and 0.822 / 0.579;
-    at 1.5/1.5: 0.763 / 0.667 and 0.771 / 0.599. Best of 8 at 1.5/1.5: 0.794 / 0.667 and 0.857 / 0.660; the same
-    with the style judge weighted 1.5: 0.695 / 0.689 and 0.779 / 0.723. The defaults take best of 8 at 1.5/1.5
-    with the style judge at 1.25 (rerank.WEIGHTS), between the last two (not probed itself; seed 2 of the
-    benchmark is out of sample for all of it). Earlier, with one candidate (seeds 0-1): ZipQDoRA at constant 1/1
-    0.647 / 0.452, at 1.5/1.25 with the subject part at half strength below the hand-off 0.773 / 0.485; the
-    direct merge at constant 1/1 0.707 / 0.407.
+    0.755 / 0.433 (bench/merge_schedules.py's `app` rows). With the judges' standardised evidence summed: best of
+    4 at 1.5/1.25: 0.822 / 0.616 and 0.822 / 0.579; at 1.5/1.5: 0.763 / 0.667 and 0.771 / 0.599; best of 8 at
+    1.5/1.5: 0.794 / 0.667 and 0.857 / 0.660, with the style judge weighted 1.5: 0.695 / 0.689 and 0.779 / 0.723.
+    Then, on training seeds 3 and 4 (which the benchmark does not use; 8 runs together), best of 8 at 1.5/1.5:
+    summed with the style judge weighted 1.25 0.687 / 0.758, the weakest judge (rerank.weakest, the default)
+    0.757 / 0.728; the same with subject detail 0.75: 0.754 / 0.660 summed, 0.816 / 0.663 weakest; best of 4,
+    weakest: 0.694 / 0.722. Earlier, with one candidate (seeds 0-1): ZipQDoRA at constant 1/1 0.647 / 0.452, at
+    1.5/1.25 with the subject part at half strength below the hand-off 0.773 / 0.485; the direct merge at
+    constant 1/1 0.707 / 0.407.
     """
 
     subject: float = 1.5

@@ -9,8 +9,9 @@ model does. For a candidate image x and a judge (adapter A, a band of noise leve
 
 with the same (t, ε) for both UNets, so most of the variance cancels, and p the generation prompt. A subject
 is judged at high noise, where layout is decided; a style at low noise, where texture is drawn. Each judge's
-evidence is standardised over the request's candidates and the judges' are summed, so neither concept's scale
-dominates; every returned image is the best of its own candidates.
+evidence is standardised over the request's candidates, so neither concept's scale dominates, and a candidate
+scores its *weakest* standardised evidence: the image must show every concept, and a clear subject cannot buy
+back a missing style (a sum lets it). Every returned image is the best of its own candidates.
 
 Why: with a merged subject and style on mini, which initial noise an image starts from decides more than any
 slider (a large shape shows its texture, a thin one cannot); bench/merge_quality.py measures what picking
@@ -32,13 +33,11 @@ from .encode import unet_forward
 # Noise bands as fractions of the training timesteps. In a probe on mini (4 held-out pairs, 64 merged images
 # each, evidence at 10 noise levels) the subject adapter's evidence ranked images most like the offline
 # evaluator's subject score at levels 0.55-0.85 (Spearman 0.5-0.67 on three pairs), the style adapter's like
-# its style score at 0.05-0.35 (0.3-0.7). The weights tilt the sum toward the style, which the sliders favour
-# less (merge.Sliders says how both were chosen).
+# its style score at 0.05-0.35 (0.3-0.7). merge.Sliders says how the combination (the weakest judge) was chosen.
 SUBJECT_BAND = (0.5, 0.9)
 STYLE_BAND = (0.0, 0.4)
 WHOLE_BAND = (0.0, 1.0)
 BANDS = {"subject": SUBJECT_BAND, "style": STYLE_BAND}
-WEIGHTS = {"subject": 1.0, "style": 1.25}
 
 
 @dataclass(frozen=True)
@@ -47,13 +46,12 @@ class Judge:
 
     adapter: Adapter
     band: tuple[float, float]
-    weight: float = 1.0
 
 
 def judges_for(adapters: Sequence[Adapter]) -> list[Judge]:
     """A judge per adapter, its band from the adapter's kind (subject, style, or anything else: every level)."""
     kinds = [str(a.info.get("kind")) for a in adapters]
-    return [Judge(a, BANDS.get(kind, WHOLE_BAND), WEIGHTS.get(kind, 1.0)) for a, kind in zip(adapters, kinds)]
+    return [Judge(a, BANDS.get(kind, WHOLE_BAND)) for a, kind in zip(adapters, kinds)]
 
 
 def candidate_seed(seed: int, k: int) -> int:
@@ -126,14 +124,23 @@ def _squared_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 def candidate_scores(base: BaseModel, images: Sequence[Image.Image], judges: Sequence[Judge],
                      prompt: str) -> torch.Tensor:
-    """Σ over judges of weight × standardised evidence, over all candidates of a request: [N]."""
-    total = torch.zeros(len(images))
-    if len(images) < 2:  # nothing to choose between
-        return total
-    for judge in judges:
-        e = evidence(base, images, judge, prompt)
-        total += judge.weight * (e - e.mean()) / e.std().clamp_min(1e-12)
-    return total
+    """Each candidate's weakest standardised evidence over the judges, over all candidates of a request: [N]."""
+    if len(images) < 2 or not judges:  # nothing to choose between, or no one to choose
+        return torch.zeros(len(images))
+    return weakest([evidence(base, images, judge, prompt) for judge in judges])
+
+
+def weakest(evidences: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Min over judges of each judge's evidence standardised over the candidates ([N] each → [N]).
+
+    Why the minimum and not a (weighted) sum: a sum lets a candidate that shows one concept very clearly win
+    without the other. On mini (bench/merge_quality.py's 4 pairs, ZipQDoRA as the app generates, 32 images
+    per run, training seeds 3 and 4, which the benchmark does not use) a sum with the style weighted 1.25
+    scored 0.687 subject / 0.758 style fidelity, the minimum 0.757 / 0.728: most of it on moon × grid, where
+    the sum picked discs with a clear grid.
+    """
+    z = [(e - e.mean()) / e.std().clamp_min(1e-12) for e in evidences]
+    return torch.stack(z).min(0).values
 
 
 def best_of(scores: torch.Tensor, count: int, rounds: int) -> list[int]:
