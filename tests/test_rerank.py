@@ -69,6 +69,8 @@ def test_a_candidate_scores_its_weakest_concept():
     scores = weakest([subject, style])
     assert int(scores.argmax()) == 2
     assert torch.allclose(weakest([subject]), (subject - subject.mean()) / subject.std())
+    constant = torch.ones(4)  # a judge that cannot tell the candidates apart scores them all 0
+    assert torch.equal(weakest([constant, subject]), torch.zeros(4).minimum(weakest([subject])))
 
 
 def test_candidates_return_one_of_each_images_own_candidates(subject):

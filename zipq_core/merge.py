@@ -501,10 +501,10 @@ class Sliders:
     0.755 / 0.433 (bench/merge_schedules.py's `app` rows). With the judges' standardised evidence summed: best of
     4 at 1.5/1.25: 0.822 / 0.616 and 0.822 / 0.579; at 1.5/1.5: 0.763 / 0.667 and 0.771 / 0.599; best of 8 at
     1.5/1.5: 0.794 / 0.667 and 0.857 / 0.660, with the style judge weighted 1.5: 0.695 / 0.689 and 0.779 / 0.723.
-    Then, on training seeds 3 and 4 (which the benchmark does not use; 8 runs together), best of 8 at 1.5/1.5:
-    summed with the style judge weighted 1.25 0.687 / 0.758, the weakest judge (rerank.weakest, the default)
-    0.757 / 0.728; the same with subject detail 0.75: 0.754 / 0.660 summed, 0.816 / 0.663 weakest; best of 4,
-    weakest: 0.694 / 0.722. Earlier, with one candidate (seeds 0-1): ZipQDoRA at constant 1/1 0.647 / 0.452, at
+    Then with bench/candidate_rules.py (training seeds 3 and 4, which the benchmark does not use), best of 8 at
+    1.5/1.5: summed with the style judge weighted 1.25 0.687 / 0.758, the weakest judge (rerank.weakest, the
+    default) 0.757 / 0.728; the same with subject detail 0.75: 0.754 / 0.660 summed, 0.816 / 0.666 weakest; best of 4,
+    weakest: 0.695 / 0.722. Earlier, with one candidate (seeds 0-1): ZipQDoRA at constant 1/1 0.647 / 0.452, at
     1.5/1.25 with the subject part at half strength below the hand-off 0.773 / 0.485; the direct merge at
     constant 1/1 0.707 / 0.407.
     """
