@@ -8,11 +8,15 @@ quantizes itself when moved to its device, and peft attaches its bnb-aware LoRA/
 Workarounds for the pinned versions (bitsandbytes 0.50.2, peft 0.21.2), all in this one file, each
 checked by a test in tests/test_qdora.py that says when it can go:
 1. peft only dispatches to its bnb layers when the model says `is_loaded_in_8bit` / `is_loaded_in_4bit`
-   (hand-built bnb layers are otherwise treated as plain Linear): we set the flag on the copy.
+   (hand-built bnb layers are otherwise treated as plain Linear): we set the flag on the copy. This is peft's
+   design (it expects models loaded quantized by transformers/diffusers), not a filed bug.
 2. DoRA on an 8-bit layer fails on CPU at the second step: peft's `dequantize_module_weight` ends with
    `module.weight = module.weight.to(device)`, and bnb's `Int8Params.to()` drops the scales (`SCB`).
    `_dequantize_keeping_scales` dequantizes with `state=module.state` and leaves the weight alone.
-DESIGN §5 also reports a 4-bit repack trap on avx512_bf16 CPUs (no-grad forward, < 64 inputs). With
+   Upstream, related: bitsandbytes-foundation/bitsandbytes#1332 (an 8-bit layer's `.to()` ignores its
+   state) and huggingface/peft#3418 (8-bit dequantization on the DoRA path, device of `SCB`).
+DESIGN §5 also reports a 4-bit repack trap on avx512_bf16 CPUs (no-grad forward, < 64 inputs; upstream,
+related: bitsandbytes-foundation/bitsandbytes#2078, `Params4bit.to()` and the CPU packing). With
 requirements.txt's set (no optional `kernels` package) it does not occur on this avx512_bf16 machine:
 tests/test_qdora.py keeps a test that fails if it appears, rather than a workaround for it.
 """
