@@ -103,6 +103,7 @@ def run_pair(base, evaluator, subject: str, style: str, seed: int, args, work: P
     merged: dict[str, tuple[Path, float, int]] = {}
     for method in METHODS:
         started = time.time()
+        sliders = SLIDERS.get(method, CONSTANT)
         if method in ("subject_only", "style_only"):
             kind = method.split("_")[0]
             adapters = [(load_adapter(dirs[f"{kind}_dora"]), 1.0)]
@@ -111,10 +112,8 @@ def run_pair(base, evaluator, subject: str, style: str, seed: int, args, work: P
             if method not in REUSE:
                 merged[method] = merge(base, method, dirs, seed, args, work)
             out, seconds, size = merged[REUSE.get(method, method)]
-            sliders = SLIDERS.get(method, CONSTANT)
             adapters = slider_adapters(out, sliders.subject, sliders.style, sliders.subject_detail)
-        candidates = SLIDERS.get(method, CONSTANT).candidates
-        images = sample(base, prompt, 1000 * seed, args.images, adapters, candidates=candidates)
+        images = sample(base, prompt, 1000 * seed, args.images, adapters, candidates=sliders.candidates)
         images_of[method] = images
         results[method] = {**score(images, subject, style, evaluator), "merge_seconds": seconds,
                            "adapter_bytes": size}

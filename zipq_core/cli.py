@@ -25,7 +25,10 @@ def _add_base_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import TARGET_BLOCKS, TARGET_PRESETS, TIMESTEP_BIASES
+    from .config import TARGET_BLOCKS, TARGET_PRESETS, TIMESTEP_BIASES, GenerateConfig
+    from .merge import Sliders
+
+    sliders = Sliders()  # the merged adapter's defaults, the same as the app's
 
     parser = argparse.ArgumentParser(prog="python -m zipq_core", description="ZipQDoRA Studio core: train subject "
                                      "and style adapters, merge them, generate, evaluate.")
@@ -65,12 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PATH[:STRENGTH], strength 0–1.5 (default 1); repeatable")
     g.add_argument("--merged", default=None,
                    help="a merged adapter folder, generated with its subject and style sliders (below)")
-    g.add_argument("--subject-strength", type=float, default=1.5, help="merged adapter: subject part strength")
-    g.add_argument("--style-strength", type=float, default=1.5, help="merged adapter: style part strength")
-    g.add_argument("--subject-detail", type=float, default=0.5,
+    g.add_argument("--subject-strength", type=float, default=sliders.subject,
+                   help="merged adapter: subject part strength")
+    g.add_argument("--style-strength", type=float, default=sliders.style, help="merged adapter: style part strength")
+    g.add_argument("--subject-detail", type=float, default=sliders.subject_detail,
                    help="merged adapter: the subject part's strength below the hand-off, as a fraction "
                         "(1 = constant strengths, as the merged file gives in other tools)")
-    g.add_argument("--handoff", type=float, default=0.5,
+    g.add_argument("--handoff", type=float, default=GenerateConfig.handoff,
                    help="noise level (0–1) below which the detail strength applies")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default="")
@@ -82,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--candidates", type=int, default=None,
                    help="images generated per returned image, the best picked by the adapters themselves "
-                        "(default: with --merged on mini 8, else 1)")
+                        f"(default: with --merged on mini {sliders.candidates}, else 1)")
     g.add_argument("--out", required=True, help="image path (several images: name_0.png, name_1.png …)")
 
     m = sub.add_parser("merge", help="merge a subject and a style adapter (zipq, zip, direct, ties, dare, blora)")
@@ -124,7 +128,9 @@ class _Bar:
 
         self.bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
 
-    def update_to(self, n: int, **postfix) -> None:
+    def update_to(self, n: int, total: int | None = None, **postfix) -> None:
+        if total is not None:
+            self.bar.total = total
         self.bar.n = n
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.refresh()
@@ -197,8 +203,8 @@ def cmd_generate(args: argparse.Namespace) -> dict:
         adapters += slider_adapters(args.merged, args.subject_strength, args.style_strength, args.subject_detail)
     bar = _Bar(cfg.steps * cfg.candidates, "generate")
     started = time.time()
-    try:
-        images = generate(base, cfg, adapters, on_step=lambda i, n: bar.update_to(i))
+    try:  # generate reports the true total (one round when no adapter is active)
+        images = generate(base, cfg, adapters, on_step=lambda i, n: bar.update_to(i, total=n))
     finally:
         bar.close()
     out = Path(args.out)
