@@ -34,10 +34,10 @@ import gradio as gr
 
 from zipq_core import GenerateConfig, TrainConfig, ZipqError, generate, load_adapter, load_base, train_adapter
 from zipq_core.base import BaseModel
-from zipq_core.config import MAX_CANDIDATES, check_strength
+from zipq_core.config import MAX_CANDIDATES, TOKEN_PATTERN, check_noun, check_strength, check_token
 from zipq_core.data import DataConfig, ImageSet, prepare_images
 from zipq_core.generate import detail_spec
-from zipq_core.jobs import FINISHED, Job, JobContext, JobRegistry, check_session_id, new_session_id
+from zipq_core.jobs import FINISHED, Job, JobContext, JobRegistry, check_session_id, inside, new_session_id
 from zipq_core.merge import METHODS, MergeConfig, Sliders, default_candidates, merge_adapters, slider_adapters
 from zipq_core.train import latest_checkpoint
 
@@ -178,10 +178,10 @@ def copy_uploads(files: Sequence[str], folder: Path) -> list[Path]:
     copies = []
     for src in files:
         src = Path(src)
-        dst, n = folder / src.name, 1
+        dst, n = inside(folder, src.name), 1
         while dst.exists():
             n += 1
-            dst = folder / f"{src.stem}_{n}{src.suffix}"
+            dst = inside(folder, f"{src.stem}_{n}{src.suffix}")
         shutil.copyfile(src, dst)
         copies.append(dst)
     return copies
@@ -345,7 +345,8 @@ class Studio:
 
     def _with_words(self, s: Settings, kind: str, token: str, noun: str) -> Settings:
         token, noun = (token or "").strip(), (noun or "").strip()
-        TrainConfig(kind=kind, token=token)  # validates the token with the core's message
+        check_token(token, f"The {kind} token")
+        check_noun(noun, "The class noun" if kind == "subject" else "What the style images show")
         if kind == "subject":
             return replace(s, subject_token=token, class_noun=noun)
         return replace(s, style_token=token, style_noun=noun)
@@ -707,9 +708,10 @@ class Studio:
         if not paths.has_adapter(kind):
             return gr.DownloadButton(value=None, interactive=False)
         info = json.loads((folder / "adapter.json").read_text()) if (folder / "adapter.json").exists() else {}
-        name = f"zipq-{kind}-{info.get('token') or info.get('method') or 'adapter'}.safetensors"
-        return gr.DownloadButton(value=str(download_copy(folder / ADAPTER_FILE, paths.downloads / name)),
-                                 interactive=True)
+        label = str(info.get("token") or info.get("method") or "adapter")
+        name = f"zipq-{kind}-{label if TOKEN_PATTERN.fullmatch(label) else 'adapter'}.safetensors"
+        copy = download_copy(folder / ADAPTER_FILE, inside(paths.root, "downloads", name))
+        return gr.DownloadButton(value=str(copy), interactive=True)
 
 
 POLL_OUTPUTS = 12  # train: status, 2 plots, samples, 2 downloads · merge: status, plot, download · flow: 2 · key

@@ -202,3 +202,26 @@ def test_empty_number_fields_are_named_not_crashes(client):
     with pytest.raises(Exception) as excinfo:  # an API call is held to the hand-off slider's range, with a message
         client.predict(session, "a photo of sks", "", 0, 10, 5.0, 64, 64, 1, 1.0, 1.0, 0.5, 1.5, api_name="/generate")
     assert "1.5 is greater than maximum value 1" in str(excinfo.value)
+
+
+def test_a_traversal_token_is_refused_and_nothing_is_written_outside(client, server, tmp_path):
+    from gradio_client import handle_file
+    from PIL import Image
+
+    session = client.predict(api_name="/new_session")
+    Image.new("RGB", (96, 96), "red").save(tmp_path / "a.png")
+    outside = tmp_path / "somewhere"
+    token = f"x/../../../../{outside}/NAME"
+    _, notes, _, _ = client.predict(session, [handle_file(str(tmp_path / "a.png"))], token, "heart",
+                                    api_name="/prepare_subject")
+    assert "at most 32 letters" in notes and not outside.exists()
+    for bad in ("a" * 33, "s k s", "sks;rm"):
+        _, notes, _, _ = client.predict(session, [handle_file(str(tmp_path / "a.png"))], bad, "heart",
+                                        api_name="/prepare_subject")
+        assert "at most 32 letters" in notes
+    _, notes, _, _ = client.predict(session, [handle_file(str(tmp_path / "a.png"))], "sks", "x" * 65,
+                                    api_name="/prepare_subject")
+    assert "at most 64 printable" in notes
+    with pytest.raises(Exception) as excinfo:  # the id regex no longer matches before a trailing newline
+        client.predict(session + "\n", api_name="/job_status")
+    assert "reload the page" in error_text(excinfo)

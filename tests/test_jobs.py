@@ -160,3 +160,12 @@ def test_cleanup_removes_old_idle_sessions_only(reg):
     assert reg.cleanup() == [] and fresh.exists()
     gate.set()
     reg.wait(busy.id, 10)
+
+
+def test_inside_refuses_paths_that_leave_the_root(tmp_path):
+    from zipq_core.jobs import inside
+
+    assert inside(tmp_path, "a", "b.txt") == (tmp_path / "a" / "b.txt").resolve()
+    for bad in (("..", "x"), ("a/../../x",), ("/etc/passwd",)):
+        with pytest.raises(ZipqError, match="outside your work folder"):
+            inside(tmp_path, *bad)

@@ -6,6 +6,8 @@ says what to change, so the CLI and the app can show it as it is.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -42,9 +44,38 @@ def _check(ok: bool, message: str) -> None:
         raise ZipqError(message)
 
 
-def _check_token(token: str, what: str) -> None:
-    _check(bool(token) and token.strip() == token and " " not in token,
-           f"{what} {token!r} must be one word without spaces, e.g. 'sks' or 'zkz'.")
+# Tokens reach file names (downloads) and prompts: letters, digits, '_' and '-' only, so no token can name a
+# folder ('/', '..') or smuggle words into a prompt. Class nouns reach prompts only, as plain printable text.
+TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,32}")
+MAX_NOUN_CHARS = 64
+MAX_PROMPT_CHARS = 1000
+
+
+def check_token(token: object, what: str = "The token") -> str:
+    """A concept token: 1–32 letters, digits, '_' or '-' (the whole string; no trailing newline)."""
+    _check(isinstance(token, str) and TOKEN_PATTERN.fullmatch(token) is not None,
+           f"{what} {str(token)[:40]!r} must be one word of at most 32 letters, digits, '_' or '-', e.g. 'sks' or "
+           "'zkz'.")
+    return token
+
+
+def check_noun(noun: object, what: str = "The class noun") -> str:
+    """A class noun: at most 64 printable characters (it goes into prompts, never into file names)."""
+    _check(isinstance(noun, str) and len(noun) <= MAX_NOUN_CHARS and noun.isprintable(),
+           f"{what} must be at most {MAX_NOUN_CHARS} printable characters (e.g. 'dog', 'coffee mug').")
+    return noun
+
+
+def check_prompt(prompt: object, what: str = "The prompt") -> str:
+    """A prompt: printable text of at most 1000 characters (CLIP reads only its first 77 tokens anyway)."""
+    _check(isinstance(prompt, str) and len(prompt) <= MAX_PROMPT_CHARS and prompt.isprintable(),
+           f"{what} must be printable text of at most {MAX_PROMPT_CHARS} characters.")
+    return prompt
+
+
+def check_finite(value: float, name: str) -> float:
+    _check(isinstance(value, (int, float)) and math.isfinite(value), f"{name} must be a finite number, not {value}.")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -87,7 +118,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.kind in ("subject", "style"), f"kind must be 'subject' or 'style', not {self.kind!r}.")
         _check(self.method in ("lora", "dora"), f"method must be 'lora' or 'dora', not {self.method!r}.")
-        _check_token(self.token, "The token")
+        check_token(self.token, "The token")
+        check_noun(self.class_noun)
         _check(1 <= self.rank <= 256, f"rank must be between 1 and 256, not {self.rank}.")
         _check(self.alpha is None or self.alpha > 0, f"alpha must be positive, not {self.alpha}.")
         _check(len(self.target_modules) > 0, "Name at least one target module, e.g. to_q,to_k,to_v,to_out.0.")
@@ -166,7 +198,10 @@ class GenerateConfig:
     candidates: int = 1
 
     def __post_init__(self) -> None:
-        _check(bool(self.prompt.strip()), "Write a prompt: the images are generated from it.")
+        _check(isinstance(self.prompt, str) and bool(self.prompt.strip()),
+               "Write a prompt: the images are generated from it.")
+        check_prompt(self.prompt)
+        check_prompt(self.negative_prompt, "The negative prompt")
         _check(1 <= self.candidates <= MAX_CANDIDATES,
                f"candidates per image must be between 1 and {MAX_CANDIDATES}, not {self.candidates}.")
         _check(0.0 <= self.handoff <= 1.0, f"the hand-off must be between 0 and 1, not {self.handoff}.")

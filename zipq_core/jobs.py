@@ -39,7 +39,16 @@ DEFAULT_ROOT = Path("runs") / "sessions"
 DEFAULT_TTL_S = 24 * 3600.0
 MAX_LOG_LINES = 500
 MARKER = ".last_used"  # its mtime says when a session last did something
-_SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")  # also keeps ids from walking out of the root folder
+_SESSION_RE = re.compile(r"[A-Za-z0-9_-]{8,64}")  # full match: also keeps ids from walking out of the root
+
+
+def inside(root: Path, *parts: str) -> Path:
+    """`root / parts…`, resolved, refused unless it lies inside `root` (no '..', absolute parts or links out)."""
+    root = Path(root).resolve()
+    path = root.joinpath(*parts).resolve()
+    if path != root and not path.is_relative_to(root):
+        raise ZipqError("That name would write outside your work folder: use letters, digits, '_' and '-'.")
+    return path
 
 
 def new_session_id() -> str:
@@ -49,7 +58,7 @@ def new_session_id() -> str:
 
 def check_session_id(session: str) -> str:
     """Refuse ids that could name another folder ('..', slashes) or are empty."""
-    if not isinstance(session, str) or not _SESSION_RE.match(session):
+    if not isinstance(session, str) or not _SESSION_RE.fullmatch(session):
         raise ZipqError("This page has no valid session: reload the page to start a new one.")
     return session
 

@@ -80,8 +80,10 @@ class MergeConfig:
             raise ZipqError(f"merge learning rate {self.learning_rate} is out of range (try 1e-3…5e-2).")
         if self.similarity not in ("product", "cosine"):
             raise ZipqError(f"similarity must be 'product' or 'cosine', not {self.similarity!r}.")
-        if self.lam < 0:
-            raise ZipqError("λ must be ≥ 0.")
+        if not math.isfinite(self.lam) or self.lam < 0:
+            raise ZipqError(f"λ must be a finite number ≥ 0 (e.g. 0.01), not {self.lam}.")
+        if not math.isfinite(self.early_stop) or self.early_stop < 0:
+            raise ZipqError(f"early stop must be a finite number ≥ 0, not {self.early_stop}.")
         if not 0 < self.density <= 1:
             raise ZipqError(f"density must be in (0, 1], not {self.density}.")
         for name in ("subject_weight", "style_weight"):
