@@ -33,12 +33,23 @@ from typing import Any
 import gradio as gr
 
 from zipq_core import GenerateConfig, TrainConfig, ZipqError, generate, load_adapter, load_base, train_adapter
+from zipq_core.adapters import INT8_DIR, load_training_views, save_adapter
 from zipq_core.base import BaseModel
-from zipq_core.config import MAX_CANDIDATES, TOKEN_PATTERN, check_noun, check_strength, check_token
+from zipq_core.config import (
+    MAX_CANDIDATES,
+    METHODS,
+    TOKEN_PATTERN,
+    MergeConfig,
+    Sliders,
+    check_noun,
+    check_strength,
+    check_token,
+    family_defaults,
+)
 from zipq_core.data import DataConfig, ImageSet, prepare_images
-from zipq_core.generate import detail_spec
+from zipq_core.generation import detail_spec
 from zipq_core.jobs import FINISHED, Job, JobContext, JobRegistry, check_session_id, inside, new_session_id
-from zipq_core.merge import METHODS, MergeConfig, Sliders, default_candidates, merge_adapters, slider_adapters
+from zipq_core.merge import merge_adapters, slider_adapters
 from zipq_core.train import latest_checkpoint
 
 try:  # ZeroGPU Spaces: GPU work must be decorated; elsewhere `spaces` is absent and this is a no-op.
@@ -74,8 +85,8 @@ MERGE_LABELS = {"zipq": "ZipQDoRA", "zip": "ZipLoRA", "direct": "direct (weighte
 
 # -------------------------------------------------------------------------------------------- core checks
 def qdora_available() -> bool:
-    """Training on a quantized base needs `zipq_core.qdora`; the option is refused clearly when absent."""
-    return importlib.util.find_spec("zipq_core.qdora") is not None
+    """Training on a quantized base needs `zipq_core.train.qdora`; the option is refused clearly when absent."""
+    return importlib.util.find_spec("zipq_core.train.qdora") is not None
 
 
 def example_names(kind: str) -> list[str]:
@@ -433,9 +444,7 @@ class Studio:
         yield from train_adapter(self.base, images, cfg, out, resume=resume, cancel=ctx.cancel,
                                  info={"base": self.base.spec})
         if int8 and (out / ADAPTER_FILE).exists():
-            from zipq_core.quantize import save_adapter_int8
-
-            ctx.artifact("int8", save_adapter_int8(load_adapter(out), out / "int8"))
+            ctx.artifact("int8", save_adapter(load_adapter(out), out / INT8_DIR, storage="int8"))
             ctx.log("Saved an INT8 copy of the adapter.")
 
     def _submit_training(self, session: str, kinds: Sequence[str], settings: tuple, int8: bool,
@@ -631,7 +640,8 @@ class Studio:
         jobs.append(self._submit_merge(session, merge_cfg, after))
         after = [jobs[-1].id]
         size = self.base.default_size
-        cfg = self._gen_config(prompt, "", seed, 20, 5.0, size, size, 4, candidates=default_candidates(self.base))
+        best_of = family_defaults(self.base.family).candidates
+        cfg = self._gen_config(prompt, "", seed, 20, 5.0, size, size, 4, candidates=best_of)
         jobs.append(self.registry.submit(session, "generate", functools.partial(self._flow_generate, cfg, paths),
                                          label="generate", after=after))
         write_settings(paths, replace(s, flow_jobs=tuple(j.id for j in jobs)))
@@ -737,7 +747,7 @@ def save_pngs(images: Sequence, folder: Path, stem: str) -> list[str]:
 
 def noun_choices(kind: str, is_mini: bool, guess: str | None = None) -> list[str]:
     """Class-noun suggestions: the world's subjects on mini, everyday nouns elsewhere; a guess goes first."""
-    from zipq_core import world
+    from zipq_mini import world
 
     if kind == "style":
         return ["", "picture", "shape", "painting", "illustration"]
@@ -760,8 +770,6 @@ def example_files(group: str, name: str) -> list[str]:
 
 def stored_views(paths: SessionPaths, kind: str) -> list | None:
     """The cropped training views kept beside an adapter (the evaluator's references), if any."""
-    from zipq_core.train import load_training_views
-
     views = load_training_views(paths.adapter(kind)) if paths.has_adapter(kind) else None
     return views[0] if views else None
 
@@ -769,7 +777,7 @@ def stored_views(paths: SessionPaths, kind: str) -> list | None:
 def evaluator_guess(images: list) -> str | None:
     """The subject class the offline evaluator sees most often in the images (mini only), or None."""
     try:
-        from zipq_core.evaluate import summarize_predictions
+        from zipq_mini.evaluator import summarize_predictions
 
         counts = summarize_predictions(images)["subject"]
     except (ZipqError, OSError, KeyError):
@@ -779,7 +787,7 @@ def evaluator_guess(images: list) -> str | None:
 
 def score_row(name: str, images: list, refs: dict, prompt: str) -> list:
     """One Compare-table row from the offline evaluator: subject/style probability and similarity, prompt."""
-    from zipq_core.evaluate import evaluate_images
+    from zipq_mini.evaluator import evaluate_images
 
     r = evaluate_images(images, subject_ref=refs["subject"], style_ref=refs["style"], prompt=prompt)
     sub, sty, pr = r.get("subject", {}), r.get("style", {}), r.get("prompt", {})
@@ -928,7 +936,7 @@ def _generate_tab(c: dict, base: BaseModel) -> None:
                 c["height"] = gr.Slider(64, 2048, value=size, step=8, label="Height")
                 c["num_images"] = gr.Slider(1, 8, value=4, step=1, label="Images")
             c["candidates"] = gr.Slider(
-                1, MAX_CANDIDATES, value=default_candidates(base), step=1, label="Candidates per image",
+                1, MAX_CANDIDATES, value=family_defaults(base.family).candidates, step=1, label="Candidates per image",
                 info="Each image is the best of this many, picked by your own adapters (the one that each adapter "
                      "denoises better than the base model does). Every candidate costs a generation.")
             c["gen_btn"] = gr.Button("Generate", variant="primary")

@@ -2,7 +2,7 @@
 
 For each held-out pair and training seed (by default seeds 3 and 4, which bench/merge_quality.py does not use,
 so choosing a rule here leaves that benchmark out of sample): train subject and style DoRA and merge them with
-ZipQDoRA as bench/merge_quality.py does, then generate as the app does on mini (merge.Sliders) but keep every
+ZipQDoRA as bench/merge_quality.py does, then generate as the app does on mini (config.Sliders) but keep every
 candidate: 4 batches of 8 images × 8 rounds (round k seeded rerank.candidate_seed). For every candidate it
 records both judges' evidence (rerank.evidence, the numbers the app picks by) and the evaluator's probability of
 the pair's subject and style, then replays each rule's choice offline:
@@ -31,8 +31,9 @@ from common import emit_json  # first: it puts the checkout on the import path
 from merge_quality import PAIRS, add_recipe_args, merge, run_tasks, sample, score, train
 
 from zipq_core import GenerateConfig, generate, load_adapter
-from zipq_core.merge import Sliders, slider_adapters
-from zipq_core.rerank import best_of, candidate_seed, evidence, judges_for, standardised, weakest
+from zipq_core.config import Sliders
+from zipq_core.generation.rerank import best_of, candidate_seed, evidence, judges_for, standardised, weakest
+from zipq_core.merge import slider_adapters
 
 ROUNDS, BATCH, BATCHES = 8, 8, 4  # candidates per image, images per request, requests per run (32 images)
 DETAILS = (0.5, 0.75)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
 
-from zipq_core import evaluate, world
+from zipq_mini import evaluator, world
 
 
 def measure(n: int, seed: int, held_out, degraded: bool = False) -> dict[str, float]:
@@ -33,7 +33,7 @@ def measure(n: int, seed: int, held_out, degraded: bool = False) -> dict[str, fl
             b = np.asarray(im, dtype=np.float32) + rng.normal(0, 6, a.shape)
             out.append(np.clip(b, 0, 255).astype(np.uint8))
         imgs = np.stack(out)
-    acc = evaluate.accuracy(evaluate.load_evaluator(), imgs, world.labels(scenes))
+    acc = evaluator.accuracy(evaluator.load_evaluator(), imgs, world.labels(scenes))
     return {f"{k}_acc": round(v, 4) for k, v in acc.items()}
 
 

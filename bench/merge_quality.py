@@ -3,8 +3,9 @@
 For each held-out subject × held-out style pair and seed: train subject and style DoRA (and LoRA for
 ZipLoRA) with the core's train function, merge with every method, generate "<subject prompt> in <style
 token> style" images and score them with the offline evaluator. `zipq` and `zipq_int8` generate as the app
-does on mini (merge.Sliders: the strengths, the subject part weaker below the hand-off, and each image the best
-of `Sliders.candidates`, picked by the adapters themselves: zipq_core.rerank); `zipq_one` is the same with one
+does on mini (config.Sliders: the strengths, the subject part weaker below the hand-off, and each image the best
+of mini's FamilyDefaults.candidates, picked by the adapters themselves: zipq_core.generation.rerank); `zipq_one` is
+the same with one
 candidate per image, `zipq_constant` the same merge at constant 1/1 (its single file in any other tool);
 `direct_handoff` and `direct_best_of` are the direct merge generated like `zipq_one` and `zipq`. The other
 methods generate at constant 1/1 with one candidate. Prints and writes JSON:
@@ -26,7 +27,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,21 +34,22 @@ from common import ROOT, emit_json  # first: it puts the checkout on the import 
 
 from zipq_core import GenerateConfig, TrainConfig, generate, load_adapter, load_base, train_adapter
 from zipq_core.adapters import save_adapter
+from zipq_core.config import FAMILY_DEFAULTS, MergeConfig, Sliders
 from zipq_core.data import DataConfig, prepare_images
-from zipq_core.evaluate import load_evaluator, prompt_adherence, style_fidelity, subject_fidelity
-from zipq_core.merge import MergeConfig, Sliders, merge_adapters, slider_adapters
-from zipq_core.quantize import save_adapter_int8
+from zipq_core.merge import merge_adapters, slider_adapters
+from zipq_mini.evaluator import load_evaluator, prompt_adherence, style_fidelity, subject_fidelity
 
 EXAMPLES = ROOT / "assets" / "examples"
 PAIRS = [("heart", "hatching"), ("moon", "grid"), ("arrow", "zigzag"), ("bolt", "bullseye"),
          ("heart", "zigzag"), ("moon", "bullseye"), ("arrow", "grid"), ("bolt", "hatching")]
 METHODS = ["subject_only", "style_only", "direct", "direct_handoff", "direct_best_of", "zip", "zipq", "zipq_int8",
            "zipq_one", "zipq_constant", "ties", "dare", "blora"]
-CONSTANT = Sliders(subject=1.0, style=1.0, subject_detail=1.0, candidates=1)
-ONE = replace(Sliders(), candidates=1)
-# How each merged row generates (the default: CONSTANT), and rows that reuse another row's merge.
-SLIDERS = {"zipq": Sliders(), "zipq_int8": Sliders(), "direct_best_of": Sliders(), "zipq_one": ONE,
-           "direct_handoff": ONE}
+BEST_OF = FAMILY_DEFAULTS["mini"].candidates
+CONSTANT = (Sliders(subject=1.0, style=1.0, subject_detail=1.0), 1)
+APP = (Sliders(), BEST_OF)
+ONE = (Sliders(), 1)
+# How each merged row generates, (sliders, candidates) (the default: CONSTANT), and rows that reuse another's merge.
+SLIDERS = {"zipq": APP, "zipq_int8": APP, "direct_best_of": APP, "zipq_one": ONE, "direct_handoff": ONE}
 REUSE = {"direct_handoff": "direct", "direct_best_of": "direct", "zipq_one": "zipq", "zipq_constant": "zipq"}
 
 
@@ -97,13 +98,13 @@ def run_pair(base, evaluator, subject: str, style: str, seed: int, args, work: P
     dirs = {f"{kind}_{m}": train(base, kind, name, m, args.steps, seed, args.lr, work / f"{kind}_{m}")
             for kind, name in (("subject", subject), ("style", style)) for m in ("dora", "lora")}
     for kind in ("subject", "style"):
-        save_adapter_int8(load_adapter(dirs[f"{kind}_dora"]), work / f"{kind}_int8")
+        save_adapter(load_adapter(dirs[f"{kind}_dora"]), work / f"{kind}_int8", storage="int8")
     prompt = f"a photo of sks {subject} in zkz style"
     results, images_of = {}, {}
     merged: dict[str, tuple[Path, float, int]] = {}
     for method in METHODS:
         started = time.time()
-        sliders = SLIDERS.get(method, CONSTANT)
+        sliders, candidates = SLIDERS.get(method, CONSTANT)
         if method in ("subject_only", "style_only"):
             kind = method.split("_")[0]
             adapters = [(load_adapter(dirs[f"{kind}_dora"]), 1.0)]
@@ -113,7 +114,7 @@ def run_pair(base, evaluator, subject: str, style: str, seed: int, args, work: P
                 merged[method] = merge(base, method, dirs, seed, args, work)
             out, seconds, size = merged[REUSE.get(method, method)]
             adapters = slider_adapters(out, sliders.subject, sliders.style, sliders.subject_detail)
-        images = sample(base, prompt, 1000 * seed, args.images, adapters, candidates=sliders.candidates)
+        images = sample(base, prompt, 1000 * seed, args.images, adapters, candidates=candidates)
         images_of[method] = images
         results[method] = {**score(images, subject, style, evaluator), "merge_seconds": seconds,
                            "adapter_bytes": size}

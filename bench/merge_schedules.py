@@ -28,8 +28,7 @@ from common import emit_json  # first: it puts the checkout on the import path
 from merge_quality import PAIRS, add_recipe_args, merge, run_tasks, sample, score, train
 
 from zipq_core import load_adapter
-from zipq_core.adapters import Adapter
-from zipq_core.merge import PARTS_DIR
+from zipq_core.adapters import PARTS_DIR, Adapter
 
 Phase = tuple[float, float]  # strength above the hand-off (layout), below it (texture)
 BAR = 0.9  # the issue's bar: ≥ 0.9× the single adapters' fidelities
@@ -54,7 +53,7 @@ DECODER = "unet.up_blocks."
 SCHEDULES = [
     Schedule("subject_only", single="subject"),
     Schedule("style_only", single="style"),
-    Schedule("app"),  # merge.Sliders when this ran: 1.5 / 1.25, subject detail 0.5, one candidate
+    Schedule("app"),  # config.Sliders when this ran: 1.5 / 1.25, subject detail 0.5, one candidate
     Schedule("constant_1_1", subject=(1.0, 1.0), style=(1.0, 1.0)),
     Schedule("direct_app", method="direct"),
     Schedule("style_late_only", style=(0.0, 1.5)),

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
 
-from zipq_core import evaluate, mini
+from zipq_mini import evaluator, pipeline
 
 
 def save_grid(images, prompts, path: str, cols: int = 8) -> None:
@@ -48,13 +48,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--model", default=str(mini.MINI_DIR))
+    ap.add_argument("--model", default=str(pipeline.MINI_DIR))
     ap.add_argument("--out", default=None)
     ap.add_argument("--grid", default=None, help="also save a grid of the first 32 images with prompts")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    pipe = mini.load_mini(a.model)
-    r = evaluate.generation_quality(pipe, n=a.n, steps=a.steps, guidance=a.guidance)
+    pipe = pipeline.load_mini(a.model)
+    r = evaluator.generation_quality(pipe, n=a.n, steps=a.steps, guidance=a.guidance)
     if a.grid:
         save_grid(r["images"][:32], r["prompts"][:32], a.grid)
     res = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k not in ("images", "prompts")}

@@ -23,8 +23,9 @@ from pathlib import Path
 from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
 from merge_quality import train  # same training recipe as the merge benchmark
 
-from zipq_core import GenerateConfig, TrainConfig, generate, load_adapter, load_base, world
-from zipq_core.evaluate import load_evaluator, style_fidelity, subject_fidelity
+from zipq_core import GenerateConfig, TrainConfig, generate, load_adapter, load_base
+from zipq_mini import world
+from zipq_mini.evaluator import load_evaluator, style_fidelity, subject_fidelity
 
 STYLE_PROMPT = "a star in zkz style"  # a base subject, so only the style is new
 

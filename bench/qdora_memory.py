@@ -29,7 +29,7 @@ def worker(base_spec: str, precision: str, method: str, steps: int) -> dict:
 
     from zipq_core import TrainConfig, load_base, train_adapter
     from zipq_core.data import DataConfig, prepare_images
-    from zipq_core.qdora import build_quantized_unet, weight_bytes
+    from zipq_core.train.qdora import build_quantized_unet, weight_bytes
 
     dtype = "bf16" if precision == "bf16" else "fp32"
     base = load_base(base_spec, dtype=dtype)

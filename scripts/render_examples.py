@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zipq_core import world
+from zipq_mini import world
 
 SUBJECT_COLOURS = {"heart": "red", "moon": "yellow", "arrow": "blue", "bolt": "orange"}
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from zipq_core import evaluate, world
+from zipq_mini import evaluator, world
 
 TEST_SEED = 987_654  # never used for training data
 
@@ -31,7 +31,7 @@ def cached_dataset(n: int, seed: int, held_out: bool | str, cache: Path) -> tupl
     if cache.is_file():
         d = np.load(cache)
         if len(d["images"]) >= n:
-            return d["images"][:n], {h: d[h][:n] for h in evaluate.HEADS}
+            return d["images"][:n], {h: d[h][:n] for h in evaluator.HEADS}
     imgs, scenes = world.render_dataset(n, seed, held_out)
     lab = world.labels(scenes)
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +83,7 @@ def train(steps: int = 3000, batch: int = 64, lr: float = 2e-3, n_train: int = 2
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     imgs, lab = cached_dataset(n_train, 1001, "any", Path(data))
-    ev = evaluate.build_evaluator(seed=seed)
+    ev = evaluator.build_evaluator(seed=seed)
     net = ev.net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -104,14 +104,14 @@ def train(steps: int = 3000, batch: int = 64, lr: float = 2e-3, n_train: int = 2
     return ev
 
 
-def test_accuracy(ev: evaluate.Evaluator, n: int = 2000, seed: int = TEST_SEED, degraded: bool = False) -> dict:
+def test_accuracy(ev: evaluator.Evaluator, n: int = 2000, seed: int = TEST_SEED, degraded: bool = False) -> dict:
     """Accuracy per head on freshly rendered images (all subjects and styles) of an unseen seed."""
     imgs, scenes = world.render_dataset(n, seed, "any")
     lab = world.labels(scenes)
     if degraded:
         x = degrade(imgs, np.random.default_rng(seed))
         imgs = ((x.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-    return evaluate.accuracy(ev, imgs, lab)
+    return evaluator.accuracy(ev, imgs, lab)
 
 
 def main(steps: int, out: str, threads: int) -> None:
@@ -124,8 +124,8 @@ def main(steps: int, out: str, threads: int) -> None:
         except StopIteration as stop:
             ev = stop.value
             break
-    evaluate.save_evaluator(ev, out)
-    ev = evaluate.load_evaluator(out)  # measure the shipped fp16 weights
+    evaluator.save_evaluator(ev, out)
+    ev = evaluator.load_evaluator(out)  # measure the shipped fp16 weights
     res = {"clean": test_accuracy(ev), "degraded": test_accuracy(ev, degraded=True)}
     print(json.dumps(res), flush=True)
     (Path(out) / "metrics.json").write_text(json.dumps(res, indent=1))

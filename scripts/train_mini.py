@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from zipq_core import evaluate, mini, world
+from zipq_mini import evaluator, pipeline, world
 
 TIME_IDS = (64, 64, 0, 0, 64, 64)  # SDXL add_time_ids: original size, crop top-left, target size
 GATE_SEED = 31_337
@@ -116,8 +116,8 @@ def step_rng(cfg: RecipeConfig, stage: int, step: int) -> tuple[np.random.Genera
 def load_pipeline(cfg: RecipeConfig):
     """The pipeline in ``cfg.out`` (fp32) or, when there is none yet, a fresh random one."""
     if (Path(cfg.out) / "model_index.json").is_file():
-        return mini.load_mini(cfg.out)
-    pipe = mini.build_mini_pipeline(cfg.seed)
+        return pipeline.load_mini(cfg.out)
+    pipe = pipeline.build_mini_pipeline(cfg.seed)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -144,7 +144,7 @@ def read_progress(cfg: RecipeConfig, stage: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- VAE
-def perceptual(ev: evaluate.Evaluator | None, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def perceptual(ev: evaluator.Evaluator | None, x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Mean squared distance of the evaluator's conv features (what it uses to tell subject/style/colour)."""
     if ev is None:
         return x.new_zeros(())
@@ -164,10 +164,10 @@ def vae_loss(vae, ev, x: torch.Tensor, gen: torch.Generator, cfg: RecipeConfig) 
     return loss, {"l1": float(l1.detach()), "feat": float(feat.detach()), "kl": float(kl.detach())}
 
 
-def load_ev(cfg: RecipeConfig) -> evaluate.Evaluator | None:
+def load_ev(cfg: RecipeConfig) -> evaluator.Evaluator | None:
     """The evaluator, frozen, or None when no weights exist (tiny test runs)."""
     try:
-        ev = evaluate.load_evaluator(cfg.evaluator)
+        ev = evaluator.load_evaluator(cfg.evaluator)
     except Exception:  # noqa: BLE001 - the perceptual term is optional
         return None
     for p in ev.net.parameters():
@@ -227,7 +227,7 @@ def train_vae(cfg: RecipeConfig, stage: str = "vae"):
         vae.eval()
         if not decoder_only:
             set_scaling_factor(vae, imgs)
-        mini.save_mini(pipe, cfg.out)
+        pipeline.save_mini(pipe, cfg.out)
         m = (time.time() - t0) / 60
         write_progress(cfg, stage, step=step, minutes=m)
         save_state(state_path, vae=vae.state_dict(), opt=opt.state_dict(), step=step, minutes=m)
@@ -269,7 +269,7 @@ def run_gate(cfg: RecipeConfig, vae=None) -> dict:
     Writes ``<log>/vae_gate.json``; ``passed`` is True when subject, style and colour all reach ``cfg.gate``.
     """
     vae = vae if vae is not None else load_pipeline(cfg).vae.float().eval()
-    ev = evaluate.load_evaluator(cfg.evaluator)
+    ev = evaluator.load_evaluator(cfg.evaluator)
     res: dict = {}
     for name, held in (("base", False), ("heldout", True)):
         n = cfg.gate_n if held is False else max(2, cfg.gate_n // 2)
@@ -279,8 +279,8 @@ def run_gate(cfg: RecipeConfig, vae=None) -> dict:
                              for i in range(0, n, 100)])
         rec01 = ((rec.clamp(-1, 1) + 1) / 2)  # (n, 3, 64, 64)
         psnr = float(-10 * torch.log10(F.mse_loss(rec01, (to_x(imgs) + 1) / 2)))
-        acc = evaluate.accuracy(ev, rec01, {k: v for k, v in world.labels(scenes).items() if k != "background"})
-        clean = evaluate.accuracy(ev, imgs, {k: v for k, v in world.labels(scenes).items() if k != "background"})
+        acc = evaluator.accuracy(ev, rec01, {k: v for k, v in world.labels(scenes).items() if k != "background"})
+        clean = evaluator.accuracy(ev, imgs, {k: v for k, v in world.labels(scenes).items() if k != "background"})
         res[name] = {"n": n, "psnr": psnr, "recon_acc": acc, "clean_acc": clean}
     res["passed"] = bool(min(res["base"]["recon_acc"].values()) >= cfg.gate)
     res["threshold"] = cfg.gate
@@ -378,8 +378,8 @@ def ema_pipeline(pipe, emas: dict[str, Ema]):
 
 def eval_generations(cfg: RecipeConfig, pipe) -> dict:
     """Evaluator accuracy (subject, style, colour) of generations from seeded in-distribution prompts."""
-    return evaluate.generation_quality(pipe, n=cfg.eval_n, seed=EVAL_SEED, steps=cfg.eval_steps, guidance=cfg.guidance,
-                                       evaluator=evaluate.load_evaluator(cfg.evaluator))
+    return evaluator.generation_quality(pipe, n=cfg.eval_n, seed=EVAL_SEED, steps=cfg.eval_steps,
+                                        guidance=cfg.guidance, evaluator=evaluator.load_evaluator(cfg.evaluator))
 
 
 def train_unet(cfg: RecipeConfig):
@@ -394,7 +394,7 @@ def train_unet(cfg: RecipeConfig):
     pipe.vae.float().eval().requires_grad_(False)
     lat = encode_dataset(cfg, pipe.vae, imgs)
     del imgs
-    sched = DDPMScheduler(**mini.scheduler_config(mini.MiniConfig()))
+    sched = DDPMScheduler(**pipeline.scheduler_config(pipeline.MiniConfig()))
     mods = {"unet": pipe.unet.float().train(), "text_encoder": pipe.text_encoder.float().train(),
             "text_encoder_2": pipe.text_encoder_2.float().train()}
     params = [p for m in mods.values() for p in m.parameters()]
@@ -416,7 +416,7 @@ def train_unet(cfg: RecipeConfig):
 
     def checkpoint() -> None:
         m = (time.time() - t0) / 60
-        mini.save_mini(ema_pipeline(pipe, emas), cfg.out)
+        pipeline.save_mini(ema_pipeline(pipe, emas), cfg.out)
         write_progress(cfg, "unet", step=step, minutes=m)
         save_state(state_path, step=step, minutes=m, opt=opt.state_dict(),
                    **{k: mod.state_dict() for k, mod in mods.items()},

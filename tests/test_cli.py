@@ -86,11 +86,11 @@ def test_generate_merged_sliders(trained, tmp_path):
     assert np.array_equal(base, zero)
     assert not np.array_equal(constant, detail) and not np.array_equal(base, detail)
     assert summary["merged"]["subject_detail"] == 0.5 and summary["candidates"] == 1
-    from zipq_core.merge import Sliders
+    from zipq_core.config import FAMILY_DEFAULTS
 
     picked = json.loads(_cli("generate", "--merged", str(tmp_path / "m"), *common,
                              "--out", str(tmp_path / "picked.png")).stdout)
-    assert picked["candidates"] == Sliders.candidates  # mini's default for a merge
+    assert picked["candidates"] == FAMILY_DEFAULTS["mini"].candidates  # mini's default for a merge
     bad = _cli("generate", "--merged", str(tmp_path / "m"), "--candidates", "9", *common,
                "--out", str(tmp_path / "x.png"), check=False)
     assert bad.returncode != 0 and "candidates per image" in bad.stderr and "Traceback" not in bad.stderr
@@ -128,34 +128,3 @@ def test_help_lists_commands():
     out = _cli("--help").stdout
     for command in ("train", "generate", "evaluate"):
         assert command in out
-
-
-def test_cli_defaults_are_the_core_defaults():
-    """The CLI repeats the config dataclasses' defaults (its --help must stay cheap: no torch import); this keeps
-    them from drifting apart when a default changes in one place only."""
-    from zipq_core.cli import build_parser
-    from zipq_core.config import TrainConfig
-    from zipq_core.merge import MergeConfig
-
-    parser = build_parser()
-    train = parser.parse_args(["train", "--images", "x", "--out", "y"])
-    core = TrainConfig()
-    for flag, field in [("lr", "learning_rate"), ("steps", "steps"), ("rank", "rank"), ("seed", "seed"),
-                        ("batch", "batch_size"), ("method", "method"), ("kind", "kind"), ("token", "token"),
-                        ("target_blocks", "target_blocks"), ("timestep_bias", "timestep_bias"),
-                        ("quantize_base", "quantize_base"), ("checkpoint_every", "checkpoint_every")]:
-        assert getattr(train, flag) == getattr(core, field), flag
-    merge = parser.parse_args(["merge", "--subject", "a", "--style", "b", "--out", "c"])
-    core = MergeConfig()
-    for flag, field in [("method", "method"), ("steps", "steps"), ("lr", "learning_rate"), ("lam", "lam"),
-                        ("similarity", "similarity"), ("subject_weight", "subject_weight"),
-                        ("style_weight", "style_weight"), ("density", "density"), ("seed", "seed")]:
-        assert getattr(merge, flag) == getattr(core, field), flag
-    from zipq_core.config import GenerateConfig
-    from zipq_core.merge import Sliders
-
-    generate = parser.parse_args(["generate", "--prompt", "p", "--out", "o"])
-    sliders = Sliders()
-    assert (generate.subject_strength, generate.style_strength, generate.subject_detail) == \
-        (sliders.subject, sliders.style, sliders.subject_detail)
-    assert generate.handoff == GenerateConfig.handoff

@@ -204,9 +204,31 @@ def test_rgba_is_composited_on_white(tmp_path):
 
 
 def test_grey_with_alpha_is_composited_on_white(tmp_path):
-    view = prepare_one(solid(tmp_path / "la.png", color=(0, 0), mode="LA"))
+    image = Image.new("LA", (96, 80), (0, 0))
+    image.paste((0, 255), (48, 0, 96, 80))  # right half: opaque black; left half: transparent
+    image.save(tmp_path / "la.png")
+    view = prepare_one(tmp_path / "la.png")
 
-    assert view.getpixel((10, 10)) == WHITE
+    assert view.getpixel((10, 32)) == WHITE and view.getpixel((60, 32)) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("mode, colour", [("LA", (0, 0)), ("RGBA", (255, 0, 0, 0))])
+def test_a_fully_transparent_image_is_refused_with_its_reason(tmp_path, mode, colour):
+    solid(tmp_path / "ghost.png", color=colour, mode=mode)
+    good_images(tmp_path)
+    result = prepare_images(tmp_path, CAPTION, DataConfig())
+
+    assert [r.name for r in result.rejected] == ["ghost.png"]
+    assert "fully transparent" in result.rejected[0].reason and len(result.images) == 2
+
+
+def test_an_overlong_caption_is_refused_not_echoed(tmp_path):
+    good_images(tmp_path, 3)
+    (tmp_path / "good0.txt").write_text("word " * 5000)
+    result = prepare_images(tmp_path, CAPTION, DataConfig(), token="sks")
+
+    assert [r.name for r in result.rejected] == ["good0.png"]
+    assert "at most 1000" in result.rejected[0].reason and "word word" not in result.rejected[0].reason
 
 
 @pytest.mark.parametrize("suffix", [".png", ".gif"])

@@ -5,22 +5,23 @@ import json
 import numpy as np
 import pytest
 
-from zipq_core import evaluate, world
+from zipq_core.evaluate import load_images
+from zipq_mini import evaluator, world
 
 
 @pytest.fixture(scope="module")
 def ev():
-    return evaluate.load_evaluator()
+    return evaluator.load_evaluator()
 
 
 def test_classifies_fresh_renders(ev):
     imgs, scenes = world.render_dataset(120, seed=123_456, held_out="any")
-    acc = evaluate.accuracy(ev, imgs, world.labels(scenes))
+    acc = evaluator.accuracy(ev, imgs, world.labels(scenes))
     assert acc["subject"] >= 0.95 and acc["style"] >= 0.93 and acc["colour"] >= 0.93, acc
 
 
 def test_loader_is_cached(ev):
-    assert evaluate.load_evaluator() is ev
+    assert evaluator.load_evaluator() is ev
 
 
 def test_predict_and_embed_shapes(ev):
@@ -47,7 +48,7 @@ def test_evaluate_images_keys_and_fidelity(tmp_path, ev):
     subj = _save(tmp_path / "subj", [world.sample_scene(rng, "any", subject="heart", style="flat", colour="red")
                                      for _ in range(3)])
     sty = _save(tmp_path / "sty", [world.sample_scene(rng, "any", subject="square", style="zigzag") for _ in range(3)])
-    out = evaluate.evaluate_images(gen, subject_ref=subj, style_ref=sty, prompt="a red heart with zigzags")
+    out = evaluator.evaluate_images(gen, subject_ref=subj, style_ref=sty, prompt="a red heart with zigzags")
     json.dumps(out)  # JSON-able
     assert set(out) == {"n_images", "predicted", "subject", "style", "prompt"}
     assert out["n_images"] == 4
@@ -59,7 +60,7 @@ def test_evaluate_images_keys_and_fidelity(tmp_path, ev):
     # a mismatched subject scores lower on both probability and cosine
     other = _save(tmp_path / "other",
                   [world.sample_scene(rng, "any", subject="star", style="zigzag") for _ in range(4)])
-    bad = evaluate.subject_fidelity(evaluate.load_images(other), refs=evaluate.load_images(subj))
+    bad = evaluator.subject_fidelity(load_images(other), refs=load_images(subj))
     assert bad["prob"] < out["subject"]["prob"] and bad["cosine"] < out["subject"]["cosine"]
 
 
@@ -67,7 +68,7 @@ def test_missing_folder_is_a_user_error(tmp_path):
     from zipq_core.errors import ZipqError
 
     with pytest.raises(ZipqError):
-        evaluate.load_images(tmp_path / "nope")
+        load_images(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ZipqError):
-        evaluate.load_images(tmp_path / "empty")
+        load_images(tmp_path / "empty")

@@ -10,7 +10,7 @@ from test_adapters import _adapter_for, _unet_out
 
 from zipq_core import ZipqError, load_base
 from zipq_core.adapters import applied
-from zipq_core.export import export_kohya, import_kohya
+from zipq_core.adapters.kohya import export_kohya, import_kohya
 
 
 @pytest.mark.parametrize("arch_dir", ["tiny_sd1_dir", "tiny_sdxl_dir"])

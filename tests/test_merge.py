@@ -8,8 +8,10 @@ from test_adapters import _unet_out
 
 from zipq_core import TrainConfig, ZipqError, load_adapter, load_base, train_adapter
 from zipq_core.adapters import LoraLayer, applied, fuse_weight
+from zipq_core.config import METHODS, MergeConfig
 from zipq_core.data import DataConfig, prepare_images
-from zipq_core.merge import METHODS, MergeConfig, concat_parts, merge_adapters, slider_adapters
+from zipq_core.merge import merge_adapters, slider_adapters
+from zipq_core.merge.parts import concat_parts
 
 
 def _train(base, folder, kind, token, noun, method, out):

@@ -1,6 +1,6 @@
 """QDoRA on CPU (int8 and nf4 bases) and the INT8 adapter format.
 
-The `upstream_*` tests pin down the library behaviours that zipq_core.qdora works around: when one of
+The `upstream_*` tests pin down the library behaviours that zipq_core.train.qdora works around: when one of
 them fails, the library was fixed and the matching workaround can be deleted.
 """
 
@@ -14,9 +14,9 @@ import torch
 
 from zipq_core import GenerateConfig, TrainConfig, generate, load_adapter, load_base, train_adapter
 from zipq_core.adapters import save_adapter
+from zipq_core.adapters.int8 import dequantize_int8, int8_error_bound, quantize_int8
 from zipq_core.data import DataConfig, prepare_images
-from zipq_core.qdora import build_quantized_unet, patched_peft_dequantize, weight_bytes
-from zipq_core.quantize import dequantize_int8, int8_error_bound, quantize_int8, save_adapter_int8
+from zipq_core.train.qdora import build_quantized_unet, patched_peft_dequantize, weight_bytes
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_small_4bit_layers_train_after_no_grad_forward(features):
     """DESIGN §5's avx512_bf16 repack trap (no-grad forward, < 64 inputs) does not occur with our pinned set.
 
     If this fails, the trap is back (e.g. bitsandbytes' optional `kernels` CPU path got installed): then keep
-    Linear layers with < 64 inputs in float in zipq_core.qdora.quantize_linears.
+    Linear layers with < 64 inputs in float in zipq_core.train.qdora.quantize_linears.
     """
     import bitsandbytes as bnb
 
@@ -125,7 +125,7 @@ def test_int8_adapter_file_is_small_and_close(mini, subject_dir, tmp_path):
     list(train_adapter(mini, images, cfg, tmp_path / "f"))
     adapter = load_adapter(tmp_path / "f")
     fp16 = save_adapter(adapter, tmp_path / "fp16", dtype=torch.float16)
-    int8 = save_adapter_int8(adapter, tmp_path / "int8")
+    int8 = save_adapter(adapter, tmp_path / "int8", storage="int8")
     ratio = int8.stat().st_size / fp16.stat().st_size
     assert ratio <= 0.55, ratio
     loaded = load_adapter(tmp_path / "int8")

@@ -8,9 +8,10 @@ import torch
 from test_adapters import _unet_out
 
 from zipq_core import GenerateConfig, TrainConfig, ZipqError, generate, load_adapter, load_base, train_adapter
+from zipq_core.adapters import load_training_views
 from zipq_core.data import DataConfig, prepare_images
 from zipq_core.evaluate import load_images
-from zipq_core.rerank import (
+from zipq_core.generation.rerank import (
     STYLE_BAND,
     SUBJECT_BAND,
     WHOLE_BAND,
@@ -21,7 +22,6 @@ from zipq_core.rerank import (
     judges_for,
     weakest,
 )
-from zipq_core.train import load_training_views
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_candidates_return_one_of_each_images_own_candidates(subject):
     assert picked.shape == plain.shape
     for i in range(2):
         assert any(np.array_equal(picked[i], r[i]) for r in rounds), f"image {i} is none of its candidates"
-    assert steps[-1] == (9, 9), "progress counts every round"
+    assert steps[-2:] == [(9, 10), (10, 10)], "progress counts every round, then the one judge"
 
 
 def test_without_active_adapters_one_round_is_drawn(subject):

@@ -65,7 +65,7 @@ def test_generic_patterns_are_two_tone_and_vary():
     """The decoder stage's textures: binary masks on the supersampled grid, different draw to draw."""
     import numpy as np
 
-    from zipq_core import world
+    from zipq_mini import world
 
     rng = np.random.default_rng(0)
     patterns = [world.generic_pattern(rng) for _ in range(8)]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from zipq_core import world
+from zipq_mini import world
 
 
 def test_render_is_deterministic():

@@ -7,8 +7,11 @@ rest is SD1.
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -46,6 +49,11 @@ class BaseModel:
     @property
     def is_mini(self) -> bool:
         return self.spec == "mini"
+
+    @property
+    def family(self) -> str:
+        """The defaults family (config.FAMILY_DEFAULTS): "mini", or the architecture."""
+        return "mini" if self.is_mini else self.arch
 
     @property
     def default_size(self) -> int:
@@ -194,3 +202,26 @@ def load_base(spec: str = "mini", device: str | None = None, dtype: str | None =
 def clear_cache() -> None:
     with _CACHE_LOCK:
         _CACHE.clear()
+
+
+def free_device_memory() -> None:
+    """Return cached allocator blocks to the device (after a stage, or after running out of memory)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def out_of_memory(advice: str) -> Iterator[None]:
+    """Turn a device out-of-memory error into a `ZipqError` that says what to lower, after freeing the memory.
+
+    The failed stage's tensors are released before the message leaves, so the process keeps serving.
+    """
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        pass  # leave the except block first: its traceback holds the failed stage's tensors alive
+    else:
+        return
+    free_device_memory()
+    raise ZipqError(f"The GPU ran out of memory: {advice}.")

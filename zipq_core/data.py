@@ -14,19 +14,19 @@ import os
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .config import DataConfig
 from .errors import ZipqError
 
-# Pillow raises DecompressionBombError above 2 × MAX_IMAGE_PIXELS (≈ 179 MP by default) whatever we
-# allow, so a higher limit here could never be reached; keep a margin below it.
-MEGAPIXEL_CEILING = 170.0
-
 CAPTION_SUFFIX = ".txt"
+# The text encoders read 77 tokens; a longer caption is a mistake (or an attack on the page that shows it).
+MAX_CAPTION_CHARS = 1000
+MAX_CAPTION_BYTES = 4 * MAX_CAPTION_CHARS  # UTF-8 needs at most 4 bytes a character
 
 # Files that operating systems drop into folders; never the person's images, so skipped silently.
 _SYSTEM_FILES = frozenset({"thumbs.db", "desktop.ini"})
@@ -53,14 +53,6 @@ def _check(ok: bool, message: str) -> None:
         raise ZipqError(message)
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
@@ -69,35 +61,6 @@ def _short(error: BaseException) -> str:
     """An exception as a short phrase for a person: its message, or its type when it has none."""
     text = str(error).strip() or type(error).__name__
     return text if len(text) <= 120 else text[:117] + "…"
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """How uploads are checked and turned into training views."""
-
-    resolution: int = field(default=64, metadata={"help": "Side of the square training images in pixels "
-                                                           "(multiple of 8, 64–2048)."})
-    min_side: int = field(default=64, metadata={"help": "Images with a side shorter than this are skipped."})
-    max_megapixels: float = field(default=50.0, metadata={"help": "Images larger than this are skipped, checked "
-                                                                  "from the header before decoding."})
-    min_images: int = field(default=2, metadata={"help": "Fewer usable images than this stops the run."})
-    max_images: int = field(default=100, metadata={"help": "More usable images than this stops the run."})
-
-    def __post_init__(self) -> None:
-        _check(_is_int(self.resolution) and 64 <= self.resolution <= 2048 and self.resolution % 8 == 0,
-               f"resolution must be a multiple of 8 between 64 and 2048, not {self.resolution!r} "
-               "(64 for mini, 512 for SD1.5, 1024 for SDXL).")
-        _check(_is_int(self.min_side) and 1 <= self.min_side <= 8192,
-               f"min_side must be a whole number of pixels between 1 and 8192, not {self.min_side!r}.")
-        _check(_is_number(self.max_megapixels) and 0 < self.max_megapixels <= MEGAPIXEL_CEILING,
-               f"max_megapixels must be above 0 and at most {MEGAPIXEL_CEILING:g}, not {self.max_megapixels!r}.")
-        _check(self.min_side**2 <= self.max_megapixels * 1e6,
-               f"min_side {self.min_side} px needs at least {self.min_side**2 / 1e6:g} megapixels; "
-               "raise max_megapixels or lower min_side.")
-        _check(_is_int(self.min_images) and self.min_images >= 1,
-               f"min_images must be at least 1, not {self.min_images!r}.")
-        _check(_is_int(self.max_images) and self.min_images <= self.max_images <= 10_000,
-               f"max_images must be between min_images ({self.min_images}) and 10000, not {self.max_images!r}.")
 
 
 @dataclass(frozen=True)
@@ -280,7 +243,8 @@ def load_image(path: Path, config: DataConfig = DataConfig()) -> Image.Image | R
                 problem = check_header(image.size, config)
                 if problem:
                     return Rejected(name, problem)
-                return _decode(image, config.resolution)
+                decoded = _decode(image, config.resolution)
+                return Rejected(name, decoded) if isinstance(decoded, str) else decoded
     except Image.DecompressionBombError:
         return Rejected(name, f"too large: over {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels (refused as a "
                               f"possible decompression bomb); the limit is {config.max_megapixels:g} megapixels")
@@ -316,13 +280,23 @@ def check_header(size: tuple[int, int], config: DataConfig) -> str | None:
     return None
 
 
-def _decode(image: Image.Image, resolution: int) -> Image.Image:
-    """Decode the current (first) frame and make it upright RGB."""
+def _decode(image: Image.Image, resolution: int) -> Image.Image | str:
+    """Decode the current (first) frame and make it upright RGB, or say why it shows nothing."""
     # JPEG can decode at 1/2, 1/4 or 1/8 scale for nearly free; keep ≥ 2× the target so LANCZOS still
     # has detail to work with. A no-op for every other format.
     image.draft(None, (2 * resolution, 2 * resolution))
     image.load()  # decodes now, so truncated data fails here and not later in training
+    if _fully_transparent(image):
+        return "fully transparent: nothing is drawn in it (check the export's alpha channel)"
     return to_rgb(_upright(image))
+
+
+def _fully_transparent(image: Image.Image) -> bool:
+    """An alpha channel that is 0 everywhere (such an image would train on a blank white square)."""
+    if image.mode not in _ALPHA_MODES and "transparency" not in image.info:
+        return False
+    alpha = image.convert("RGBA").getchannel("A")
+    return alpha.getextrema()[1] == 0
 
 
 def _upright(image: Image.Image) -> Image.Image:
@@ -435,12 +409,18 @@ def _caption_for(path: Path, captions: dict[str, Path], default: str, token: str
     if sidecar is None:
         return default
     try:
+        if sidecar.stat().st_size > MAX_CAPTION_BYTES:
+            return Rejected(path.name, f"its caption file {sidecar.name} is {sidecar.stat().st_size / 1e3:.0f} kB; "
+                                       f"a caption is at most {MAX_CAPTION_CHARS} characters: shorten it")
         text = " ".join(sidecar.read_text(encoding="utf-8-sig").split())  # one line, single spaces
     except UnicodeDecodeError:
         return Rejected(path.name, f"its caption file {sidecar.name} is not UTF-8 text: save it as UTF-8 or "
                                    "delete it")
     except OSError as error:
         return Rejected(path.name, f"its caption file {sidecar.name} cannot be read ({_short(error)})")
+    if len(text) > MAX_CAPTION_CHARS:
+        return Rejected(path.name, f"its caption file {sidecar.name} has {len(text)} characters; a caption is at "
+                                   f"most {MAX_CAPTION_CHARS} (the text encoder reads about 75 words): shorten it")
     return merge_caption(default, text, token)
 
 

@@ -1,4 +1,4 @@
-"""The one exception type that reaches users: its message says what happened and what to do."""
+"""The exceptions that reach users: their message says what happened and what to do."""
 
 
 class ZipqError(Exception):
@@ -7,3 +7,7 @@ class ZipqError(Exception):
     The CLI prints it without a traceback and the app shows it as a message; anything else
     escaping the core is a bug.
     """
+
+
+class Cancelled(ZipqError):
+    """A stage stopped because its cancel event was set: not a failure, nothing to fix."""

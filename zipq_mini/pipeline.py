@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
-MINI_DIR = Path(__file__).resolve().parent.parent / "assets" / "mini"
+from zipq_core.base import ASSETS_DIR, MINI_DIR
+
+TOKENIZER_DIR = ASSETS_DIR / "tokenizer"
 
 # Ids of the real CLIP BPE vocabulary (identical to SD / SDXL's tokenizer).
 BOS_ID = 49406

@@ -30,7 +30,7 @@ from typing import Literal
 
 import torch
 
-from .errors import ZipqError
+from ..errors import ZipqError
 
 Mode = Literal["int8", "nf4"]
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .adapters import Adapter, LoraLayer, fuse_weight, resolve_module
-from .errors import ZipqError
+from ..errors import ZipqError
+from .apply import resolve_module
+from .layer import Adapter, LoraLayer, fuse_weight, truncated_svd
 
 BASE_VERSIONS = {"sdxl": "sdxl_base_v1-0", "sd1": "sd_v1", "sd2": "sd_v2"}
 ARCHITECTURES = {"sdxl": "stable-diffusion-xl-v1-base", "sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2"}
@@ -45,14 +46,7 @@ def kohya_name(key: str, arch: str) -> str:
 def _bake(pipe, key: str, layer: LoraLayer) -> tuple[LoraLayer, float]:
     """A DoRA layer as a plain LoRA of the same rank: SVD of W' − W0."""
     w0 = resolve_module(pipe, key).weight.data.float().cpu()
-    delta = fuse_weight(w0, [(layer, 1.0)]) - w0
-    flat = delta.flatten(1)
-    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
-    r = layer.rank
-    up = (u[:, :r] * s[:r]).view(delta.shape[0], r, *([1] * (delta.dim() - 2)))
-    down = vh[:r].reshape(r, *delta.shape[1:])
-    error = float((s[r:].square().sum() / s.square().sum().clamp_min(1e-30)).sqrt())
-    return LoraLayer(down=down, up=up, scale=1.0), error
+    return truncated_svd(fuse_weight(w0, [(layer, 1.0)]) - w0, layer.rank)
 
 
 def export_kohya(adapter: Adapter, base, out_file: str | Path, bake: bool = False,

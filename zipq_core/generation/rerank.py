@@ -20,20 +20,20 @@ among candidates gains (rows zipq vs zipq_one, direct_best_of vs direct_handoff)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
-from .adapters import Adapter, applied
-from .base import BaseModel
-from .encode import unet_forward
+from ..adapters import Adapter, applied
+from ..base import BaseModel
+from ..encode import diffusion_target, encode_images, encode_text, sample_latents, unet_forward
 
 # Noise bands as fractions of the training timesteps. In a probe on mini (4 held-out pairs, 64 merged images
 # each, evidence at 10 noise levels) the subject adapter's evidence ranked images most like the offline
 # evaluator's subject score at levels 0.55-0.85 (Spearman 0.5-0.67 on three pairs), the style adapter's like
-# its style score at 0.05-0.35 (0.3-0.7). merge.Sliders says how the combination (the weakest judge) was chosen.
+# its style score at 0.05-0.35 (0.3-0.7). bench/README.md says how the combination (the weakest judge) was chosen.
 SUBJECT_BAND = (0.5, 0.9)
 STYLE_BAND = (0.0, 0.4)
 WHOLE_BAND = (0.0, 1.0)
@@ -80,8 +80,6 @@ def evidence(base: BaseModel, images: Sequence[Image.Image], judge: Judge, promp
     """
     from diffusers import DDPMScheduler
 
-    from .encode import diffusion_target, encode_images, encode_text, sample_latents
-
     scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
     total = scheduler.config.num_train_timesteps
     low, high = judge.band
@@ -122,12 +120,20 @@ def _squared_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return (prediction.float() - target.float()).square().flatten(1).mean(1)
 
 
-def candidate_scores(base: BaseModel, images: Sequence[Image.Image], judges: Sequence[Judge],
-                     prompt: str) -> torch.Tensor:
-    """Each candidate's weakest standardised evidence over the judges, over all candidates of a request: [N]."""
+def candidate_scores(base: BaseModel, images: Sequence[Image.Image], judges: Sequence[Judge], prompt: str,
+                     on_judge: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Each candidate's weakest standardised evidence over the judges, over all candidates of a request: [N].
+
+    `on_judge(i)` is called after judge i has scored every candidate (progress: judging takes a while too).
+    """
     if len(images) < 2 or not judges:  # nothing to choose between, or no one to choose
         return torch.zeros(len(images))
-    return weakest([evidence(base, images, judge, prompt) for judge in judges])
+    evidences = []
+    for i, judge in enumerate(judges):
+        evidences.append(evidence(base, images, judge, prompt))
+        if on_judge is not None:
+            on_judge(i)
+    return weakest(evidences)
 
 
 def weakest(evidences: Sequence[torch.Tensor]) -> torch.Tensor:

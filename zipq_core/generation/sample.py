@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -9,10 +10,10 @@ from dataclasses import replace
 import torch
 from PIL import Image
 
-from .adapters import Adapter, Phases, applied_phases, load_adapter
-from .base import BaseModel
-from .config import GenerateConfig, check_fraction, check_strength
-from .errors import ZipqError
+from ..adapters import Adapter, Phases, applied_phases, load_adapter
+from ..base import BaseModel, out_of_memory
+from ..config import GenerateConfig, check_fraction, check_strength
+from ..errors import Cancelled
 from .rerank import best_of, candidate_scores, candidate_seed, judges_for
 
 
@@ -33,6 +34,7 @@ def parse_adapter_arg(text: str) -> tuple[str, float]:
 # (adapter, strength) or (adapter, strength, detail strength): the detail strength replaces the strength at
 # noise levels below GenerateConfig.handoff (the late, fine-detail steps).
 AdapterSpec = tuple[Adapter, float] | tuple[Adapter, float, float]
+OnStep = Callable[[int, int], None]
 
 
 def detail_spec(adapter: Adapter, strength: float, detail: float) -> AdapterSpec:
@@ -43,8 +45,20 @@ def detail_spec(adapter: Adapter, strength: float, detail: float) -> AdapterSpec
     return (adapter, strength) if late == strength else (adapter, strength, late)
 
 
+def active_adapters(adapters: Sequence[AdapterSpec]) -> list[Adapter]:
+    """The adapters that change anything (a strength above 0 in some phase)."""
+    return [spec[0] for spec in adapters if max(spec[1], spec[-1]) > 0]
+
+
+def generation_units(config: GenerateConfig, adapters: Sequence[AdapterSpec]) -> tuple[int, int]:
+    """(rounds of images, progress units): one unit per denoising step of every round, one per judge after."""
+    active = active_adapters(adapters)
+    rounds = config.candidates if active else 1
+    return rounds, rounds * config.steps + (len(active) if rounds > 1 else 0)
+
+
 def generate(base: BaseModel, config: GenerateConfig, adapters: Sequence[AdapterSpec] = (),
-             on_step: Callable[[int, int], None] | None = None) -> list[Image.Image]:
+             on_step: OnStep | None = None, cancel: threading.Event | None = None) -> list[Image.Image]:
     """Generate images from the base model with adapters fused at their strengths.
 
     The adapters are fused into the weights for the duration of the call (as fast as the base model)
@@ -53,57 +67,55 @@ def generate(base: BaseModel, config: GenerateConfig, adapters: Sequence[Adapter
     strength while the layout forms and weaker while texture is drawn lets the style's texture through
     (bench/merge_quality.py measures it). With `config.candidates` = K > 1, K rounds of images are drawn
     (round 0 from the request's seed) and the adapters themselves pick the best of each image's K
-    candidates (zipq_core.rerank); without adapters there is nothing to judge and one round is drawn.
+    candidates (generation.rerank); without adapters there is nothing to judge and one round is drawn.
 
     Args:
         base: the loaded base model.
         config: prompt, seed, steps, guidance, size, count, hand-off noise level, candidates per image.
         adapters: (adapter, strength[, detail strength]), strengths in [0, 1.5]; 0 leaves the base untouched.
-        on_step: called as on_step(step, total) after each denoising step (total counts every round).
+        on_step: called as on_step(done, total) after each denoising step and each judge (`generation_units`).
+        cancel: set it to stop between denoising steps; the call then raises `Cancelled`.
 
     Returns:
         `config.num_images` PIL images.
     """
-    active = [spec[0] for spec in adapters if max(spec[1], spec[-1]) > 0]
-    rounds = config.candidates if active else 1
-    with base.lock:
+    rounds, total = generation_units(config, adapters)
+    report = (lambda done: None) if on_step is None else (lambda done: on_step(done, total))
+    with base.lock, out_of_memory("generate fewer images at once, a smaller size or fewer candidates"):
         images: list[Image.Image] = []
         for k in range(rounds):
-            progress = None if on_step is None else _round_progress(on_step, k, rounds, config.steps)
-            images += _render(base, replace(config, seed=candidate_seed(config.seed, k)), adapters, progress)
+            seeded = replace(config, seed=candidate_seed(config.seed, k))
+            images += _render(base, seeded, adapters, lambda step, k=k: report(k * config.steps + step), cancel)
         if rounds == 1:
             return images
-        scores = candidate_scores(base, images, judges_for(active), config.prompt)
+        scores = candidate_scores(base, images, judges_for(active_adapters(adapters)), config.prompt,
+                                  on_judge=lambda i: report(rounds * config.steps + i + 1))
     return [images[i] for i in best_of(scores, config.num_images, rounds)]
 
 
-def _round_progress(on_step: Callable[[int, int], None], k: int, rounds: int,
-                    steps: int) -> Callable[[int, int], None]:
-    return lambda step, _: on_step(k * steps + step, rounds * steps)
-
-
 def _render(base: BaseModel, config: GenerateConfig, adapters: Sequence[AdapterSpec],
-            on_step: Callable[[int, int], None] | None) -> list[Image.Image]:
+            on_step: Callable[[int], None], cancel: threading.Event | None) -> list[Image.Image]:
     """One pipeline call: `config.num_images` images from `config.seed`."""
-    callback = None
-    if on_step is not None:
-        def callback(pipe, step, timestep, kwargs):  # diffusers' callback_on_step_end signature
-            on_step(step + 1, config.steps)
-            return kwargs
+
+    def callback(pipe, step, timestep, kwargs):  # diffusers' callback_on_step_end signature
+        on_step(step + 1)
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("Generation cancelled.")
+        return kwargs
+
     early = [(spec[0], spec[1]) for spec in adapters]
     late = [(spec[0], spec[-1]) for spec in adapters]
     phases = [early, late] if any(spec[-1] != spec[1] for spec in adapters) else [early]
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("Generation cancelled.")
     with base.lock, applied_phases(base.pipe, phases) as state, _handoff(base, state, config.handoff), \
             torch.inference_mode():
         # A CPU generator gives the same images on every device for a seed.
         generator = torch.Generator("cpu").manual_seed(config.seed)
-        try:
-            result = base.pipe(prompt=config.prompt, negative_prompt=config.negative_prompt or None,
-                               num_inference_steps=config.steps, guidance_scale=config.guidance,
-                               width=config.width, height=config.height, num_images_per_prompt=config.num_images,
-                               generator=generator, callback_on_step_end=callback)
-        except torch.cuda.OutOfMemoryError as e:
-            raise ZipqError("The GPU ran out of memory: generate fewer images at once or a smaller size.") from e
+        result = base.pipe(prompt=config.prompt, negative_prompt=config.negative_prompt or None,
+                           num_inference_steps=config.steps, guidance_scale=config.guidance,
+                           width=config.width, height=config.height, num_images_per_prompt=config.num_images,
+                           generator=generator, callback_on_step_end=callback)
     return result.images
 
 

@@ -1,4 +1,4 @@
-"""Quantization: INT8 storage of adapters (this file's first half) and QDoRA's quantized frozen base.
+"""INT8 storage of adapters: pure packing and unpacking of a state dict (adapters.folder writes the file).
 
 INT8 adapter format: each LoRA factor is stored as int8 with one fp16 scale per rank component
 (rows of lora_A [r, in], columns of lora_B [out, r]), packed into three 1-D tensors (int8 data, fp16
@@ -112,33 +112,3 @@ def _take(tensors: dict[str, torch.Tensor], offsets: dict[str, int], name: str, 
     start = offsets[name]
     offsets[name] = start + count
     return tensors[name][start : start + count]
-
-
-def save_adapter_int8(adapter, out_dir):
-    """Save an adapter with INT8 factors (flagged in the header); `load_adapter` dequantizes it transparently.
-
-    Args:
-        adapter: a float `Adapter`.
-        out_dir: the folder to write (weights + sidecar).
-
-    Returns:
-        The weights file.
-    """
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from .adapters import METADATA_KEY, SIDECAR_NAME, WEIGHTS_NAME, adapter_state_dict, header_info, lora_metadata
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors, layout = quantize_state_dict(adapter_state_dict(adapter))
-    info = {**adapter.info, "storage": "int8"}
-    metadata = {"format": "pt", INT8_FLAG: "1", LAYOUT_KEY: layout,
-                METADATA_KEY: json.dumps(lora_metadata(adapter), sort_keys=True),
-                "zipq.info": header_info(info)}
-    path = out / WEIGHTS_NAME
-    save_file(tensors, str(path), metadata=metadata)
-    (out / SIDECAR_NAME).write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
-    return path

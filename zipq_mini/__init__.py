@@ -1,0 +1,9 @@
+"""The offline world that stands in for the internet: what tests, examples, benchmarks and the app's offline
+judge use, and what training, merging, generating and exporting on a real model never need.
+
+- `world`: a procedural renderer of subjects (shapes) in styles (textures), with captions;
+- `pipeline`: the `mini` SDXL-architecture pipeline's shapes, build / save / load (recipe: scripts/train_mini.py);
+- `evaluator`: the classifier that scores images of the world (recipe: scripts/train_evaluator.py).
+
+Nothing is imported here: `from zipq_mini import world` loads just that module.
+"""
