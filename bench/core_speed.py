@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
 from PIL import Image
+
+from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 

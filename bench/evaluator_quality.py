@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
 
 from zipq_mini import evaluator, world
+
+from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
 
 
 def measure(n: int, seed: int, held_out, degraded: bool = False) -> dict[str, float]:

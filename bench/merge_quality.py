@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, emit_json  # first: it puts the checkout on the import path
 
 from zipq_core import GenerateConfig, TrainConfig, generate, load_adapter, load_base, train_adapter
 from zipq_core.adapters import save_adapter
@@ -38,6 +37,8 @@ from zipq_core.config import FAMILY_DEFAULTS, MergeConfig, Sliders
 from zipq_core.data import DataConfig, prepare_images
 from zipq_core.merge import merge_adapters, slider_adapters
 from zipq_mini.evaluator import load_evaluator, prompt_adherence, style_fidelity, subject_fidelity
+
+from common import ROOT, emit_json  # first: it puts the checkout on the import path
 
 EXAMPLES = ROOT / "assets" / "examples"
 PAIRS = [("heart", "hatching"), ("moon", "grid"), ("arrow", "zigzag"), ("bolt", "bullseye"),

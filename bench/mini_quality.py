@@ -13,9 +13,10 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
 
 from zipq_mini import evaluator, pipeline
+
+from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
 
 
 def save_grid(images, prompts, path: str, cols: int = 8) -> None:

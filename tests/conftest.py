@@ -7,11 +7,12 @@ the pipelines are saved once per session and loaded through the same `load_base`
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
+
+from helpers import launch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -97,6 +98,14 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def mini():
+    """The bundled mini base model, loaded once for the whole run (`load_base` caches it)."""
+    from zipq_core import load_base
+
+    return load_base("mini")
+
+
+@pytest.fixture(scope="session")
 def subject_dir() -> Path:
     folders = sorted(p for p in (EXAMPLES / "subjects").iterdir() if p.is_dir())
     assert folders, "assets/examples/subjects is empty"
@@ -110,20 +119,10 @@ def style_dir() -> Path:
     return folders[0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def launched_app(tmp_path_factory):
-    """The Studio on mini, served in-process on a free port: (url, studio). One per test module."""
-    from app import create_app, launch_kwargs
-
-    demo, studio = create_app("mini", work_dir=tmp_path_factory.mktemp("sessions"))
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True,
-                **launch_kwargs(studio))
-    yield f"http://127.0.0.1:{port}/", studio
+    """The Studio on mini with the default limits, one per test module: (url, studio)."""
+    url, demo, studio = launch(tmp_path_factory.mktemp("sessions"))
+    yield url, studio
     demo.close()
+    studio.registry.close()

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_fixtures import write_broken_files
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import write_broken_files
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -6,17 +6,18 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_adapters import _adapter_for, _unet_out
 
 from zipq_core import ZipqError, load_base
 from zipq_core.adapters import applied
 from zipq_core.adapters.kohya import export_kohya, import_kohya
 
+from helpers import adapter_for, unet_out
+
 
 @pytest.mark.parametrize("arch_dir", ["tiny_sd1_dir", "tiny_sdxl_dir"])
 def test_kohya_round_trip_keeps_dora_and_alpha(arch_dir, tmp_path, request):
     base = load_base(str(request.getfixturevalue(arch_dir)))
-    adapter = _adapter_for(base.unet, dora=True, seed=3)
+    adapter = adapter_for(base.unet, dora=True, seed=3)
     report = export_kohya(adapter, base, tmp_path / "k.safetensors", dtype=torch.float32)
     with safe_open(str(report.path), framework="pt") as f:
         meta, keys = f.metadata(), list(f.keys())
@@ -26,33 +27,33 @@ def test_kohya_round_trip_keeps_dora_and_alpha(arch_dir, tmp_path, request):
     assert meta["ss_base_model_version"] == {"tiny_sd1_dir": "sd_v1", "tiny_sdxl_dir": "sdxl_base_v1-0"}[arch_dir]
     back = import_kohya(report.path, base)
     with applied(base.pipe, [(adapter, 1.0)]):
-        ours = _unet_out(base)
+        ours = unet_out(base)
     with applied(base.pipe, [(back, 1.0)]):
-        theirs = _unet_out(base)
+        theirs = unet_out(base)
     assert torch.allclose(ours, theirs, atol=1e-5)
 
 
 def test_baked_dora_is_a_plain_lora_close_to_the_dora(tiny_sdxl_dir, tmp_path):
     base = load_base(str(tiny_sdxl_dir))
-    adapter = _adapter_for(base.unet, dora=True, seed=4)
+    adapter = adapter_for(base.unet, dora=True, seed=4)
     report = export_kohya(adapter, base, tmp_path / "baked.safetensors", bake=True, dtype=torch.float32)
     with safe_open(str(report.path), framework="pt") as f:
         assert not any(k.endswith(".dora_scale") for k in f.keys())
         assert f.metadata()["ss_network_module"] == "networks.lora"
     assert report.baked and report.max_relative_error < 1.0
     baked = import_kohya(report.path, base)
-    reference = _unet_out(base)
+    reference = unet_out(base)
     with applied(base.pipe, [(adapter, 1.0)]):
-        dora = _unet_out(base)
+        dora = unet_out(base)
     with applied(base.pipe, [(baked, 1.0)]):
-        plain = _unet_out(base)
+        plain = unet_out(base)
     # The baked LoRA moves the output most of the way to the DoRA's (rank-r truncation of W' − W0).
     assert (plain - dora).norm() < 0.5 * (reference - dora).norm()
 
 
 def test_input_axis_dora_scale_is_refused(tiny_sd1_dir, tmp_path):
     base = load_base(str(tiny_sd1_dir))
-    adapter = _adapter_for(base.unet, dora=True, seed=5)
+    adapter = adapter_for(base.unet, dora=True, seed=5)
     path = export_kohya(adapter, base, tmp_path / "k.safetensors", dtype=torch.float32).path
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}

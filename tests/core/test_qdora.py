@@ -12,16 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from zipq_core import GenerateConfig, TrainConfig, generate, load_adapter, load_base, train_adapter
+from zipq_core import GenerateConfig, TrainConfig, generate, load_adapter, train_adapter
 from zipq_core.adapters import save_adapter
 from zipq_core.adapters.int8 import dequantize_int8, int8_error_bound, quantize_int8
 from zipq_core.data import DataConfig, prepare_images
 from zipq_core.train.qdora import build_quantized_unet, patched_peft_dequantize, weight_bytes
-
-
-@pytest.fixture(scope="module")
-def mini():
-    return load_base("mini")
 
 
 @pytest.mark.parametrize("mode", ["int8", "nf4"])

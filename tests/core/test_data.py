@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import png_with_header_size, truncated_jpeg, write_broken_files
 from PIL import Image
 
 from zipq_core.data import (
@@ -19,6 +18,8 @@ from zipq_core.data import (
     prepare_images,
 )
 from zipq_core.errors import ZipqError
+
+from helpers import png_with_header_size, truncated_jpeg, write_broken_files
 
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
 CAPTION = "a photo of sks dog"

@@ -29,11 +29,6 @@ def _same_adapters(a, b) -> bool:
                for k in a.layers)
 
 
-@pytest.fixture(scope="module")
-def mini():
-    return load_base("mini")
-
-
 def test_training_is_deterministic_and_changes_the_model(mini, subject_dir, tmp_path):
     cfg = TrainConfig(class_noun="thing", steps=4, resolution=64)
     a_records = _run(mini, subject_dir, cfg, tmp_path / "a")
@@ -179,7 +174,7 @@ def test_data_parallel_launch_on_cpu(subject_dir, tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "zipq_core",
                            "train", "--images", str(subject_dir), "--class-noun", "thing", "--steps", "4",
                            "--out", str(tmp_path / "ddp")], cwd=root, capture_output=True, text=True, timeout=300)

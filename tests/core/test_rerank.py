@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_adapters import _unet_out
 
 from zipq_core import GenerateConfig, TrainConfig, ZipqError, generate, load_adapter, load_base, train_adapter
 from zipq_core.adapters import load_training_views
@@ -22,6 +21,8 @@ from zipq_core.generation.rerank import (
     judges_for,
     weakest,
 )
+
+from helpers import unet_out
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +47,13 @@ def test_evidence_is_higher_on_the_adapters_own_concept(subject, style_dir):
     adapter = load_adapter(folder)
     views, _ = load_training_views(folder)
     others = load_images(style_dir)
-    reference = _unet_out(base)
+    reference = unet_out(base)
     judge = Judge(adapter, SUBJECT_BAND)
     prompt = adapter.info["instance_prompt"]
     own, foreign = evidence(base, views, judge, prompt), evidence(base, others, judge, prompt)
     assert own.shape == (len(views),) and foreign.shape == (len(others),)
     assert float(own.mean()) > float(foreign.mean())
-    assert torch.equal(_unet_out(base), reference), "judging must leave the base weights bit for bit"
+    assert torch.equal(unet_out(base), reference), "judging must leave the base weights bit for bit"
     assert torch.equal(evidence(base, views, judge, prompt), own), "same seed, same evidence"
 
 

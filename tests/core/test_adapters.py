@@ -12,7 +12,6 @@ from safetensors import safe_open
 from zipq_core import ZipqError, load_base
 from zipq_core.adapters import (
     WEIGHTS_NAME,
-    Adapter,
     LoraLayer,
     applied,
     fuse_weight,
@@ -20,15 +19,8 @@ from zipq_core.adapters import (
     row_norm,
     save_adapter,
 )
-from zipq_core.encode import Conditioning, unet_forward
 
-
-def _random_layer(out: int, inp: int, r: int, dora: bool, seed: int, conv: bool = False) -> LoraLayer:
-    g = torch.Generator().manual_seed(seed)
-    down = torch.randn((r, inp, 3, 3) if conv else (r, inp), generator=g) * 0.2
-    up = torch.randn((out, r, 1, 1) if conv else (out, r), generator=g) * 0.2
-    mag = torch.rand(out, generator=g) + 0.5 if dora else None
-    return LoraLayer(down=down, up=up, scale=0.5, magnitude=mag)
+from helpers import adapter_for, random_layer, unet_out
 
 
 def _peft_dora_linear(w0: torch.Tensor, layer: LoraLayer) -> torch.nn.Module:
@@ -48,7 +40,7 @@ def _peft_dora_linear(w0: torch.Tensor, layer: LoraLayer) -> torch.nn.Module:
 
 def test_strength_zero_is_base_exactly_for_dora():
     w0 = torch.randn(16, 12)
-    layer = _random_layer(16, 12, 4, dora=True, seed=1)
+    layer = random_layer(16, 12, 4, dora=True, seed=1)
     # Naively scaling only ΔW leaves m/‖W0‖·W0 ≠ W0: the semantics must interpolate the magnitude too.
     naive = (layer.magnitude / row_norm(w0))[:, None] * w0
     assert not torch.allclose(naive, w0, atol=1e-3)
@@ -58,7 +50,7 @@ def test_strength_zero_is_base_exactly_for_dora():
 def test_strength_one_matches_peft_dora_forward():
     torch.manual_seed(0)
     w0 = torch.randn(16, 12)
-    layer = _random_layer(16, 12, 4, dora=True, seed=2)
+    layer = random_layer(16, 12, 4, dora=True, seed=2)
     x = torch.randn(5, 12)
     reference = _peft_dora_linear(w0, layer)(x)
     fused = x @ fuse_weight(w0, [(layer, 1.0)]).T
@@ -67,9 +59,9 @@ def test_strength_one_matches_peft_dora_forward():
 
 def test_strength_interpolates_lora_linearly_and_dora_magnitude():
     w0 = torch.randn(8, 6)
-    lora = _random_layer(8, 6, 2, dora=False, seed=3)
+    lora = random_layer(8, 6, 2, dora=False, seed=3)
     assert torch.allclose(fuse_weight(w0, [(lora, 0.5)]), w0 + 0.5 * lora.delta(), atol=1e-6)
-    dora = _random_layer(8, 6, 2, dora=True, seed=4)
+    dora = random_layer(8, 6, 2, dora=True, seed=4)
     half = fuse_weight(w0, [(dora, 0.5)])
     n0 = row_norm(w0)
     assert torch.allclose(row_norm(half), n0 + 0.5 * (dora.magnitude - n0), atol=1e-5)
@@ -77,26 +69,14 @@ def test_strength_interpolates_lora_linearly_and_dora_magnitude():
 
 def test_conv_dora_strength_ends():
     w0 = torch.randn(8, 4, 3, 3)
-    layer = _random_layer(8, 4, 2, dora=True, seed=5, conv=True)
+    layer = random_layer(8, 4, 2, dora=True, seed=5, conv=True)
     assert torch.equal(fuse_weight(w0, [(layer, 0.0)]), w0)
     assert torch.allclose(row_norm(fuse_weight(w0, [(layer, 1.0)])), layer.magnitude, atol=1e-5)
 
 
-def _adapter_for(unet: torch.nn.Module, dora: bool, seed: int) -> Adapter:
-    layers = {}
-    for name, module in unet.named_modules():
-        if name.endswith(("to_q", "to_v")) and isinstance(module, torch.nn.Linear):
-            out, inp = module.weight.shape
-            layer = _random_layer(out, inp, 4, dora, seed + len(layers))
-            if dora:  # a magnitude near the base norms, as training leaves it
-                layer.magnitude = row_norm(module.weight.float()) * (1 + 0.1 * torch.rand(out))
-            layers[f"unet.{name}"] = layer
-    return Adapter(layers=layers, use_dora=dora, info={"kind": "subject", "token": "sks"})
-
-
 def test_save_load_round_trip(tmp_path, tiny_sdxl_dir):
     base = load_base(str(tiny_sdxl_dir))
-    adapter = _adapter_for(base.unet, dora=True, seed=0)
+    adapter = adapter_for(base.unet, dora=True, seed=0)
     path = save_adapter(adapter, tmp_path / "a")
     loaded = load_adapter(tmp_path / "a")
     assert loaded.use_dora and loaded.info["token"] == "sks"
@@ -110,20 +90,6 @@ def test_save_load_round_trip(tmp_path, tiny_sdxl_dir):
     assert meta["unet.r"] == 4 and meta["unet.use_dora"] is True and meta["unet.lora_alpha"] == 2.0
 
 
-def _unet_out(base, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    unet = base.unet
-    c = unet.config
-    x = torch.randn(2, c.in_channels, c.sample_size, c.sample_size, generator=g)
-    hidden = torch.randn(2, 77, c.cross_attention_dim, generator=g)
-    pooled = time_ids = None
-    if c.addition_embed_type == "text_time":
-        pooled = torch.randn(2, c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim, generator=g)
-        time_ids = torch.tensor([[64, 64, 0, 0, 64, 64]] * 2, dtype=torch.float32)
-    with torch.no_grad():
-        return unet_forward(unet, x, torch.tensor([500, 500]), Conditioning(hidden, pooled, time_ids))
-
-
 @pytest.mark.parametrize("arch_dir", ["tiny_sd1_dir", "tiny_sdxl_dir"])
 @pytest.mark.parametrize("dora", [False, True])
 def test_diffusers_reads_our_file_as_we_apply_it(tmp_path, arch_dir, dora, request):
@@ -132,17 +98,17 @@ def test_diffusers_reads_our_file_as_we_apply_it(tmp_path, arch_dir, dora, reque
 
     folder = request.getfixturevalue(arch_dir)
     base = load_base(str(folder))
-    adapter = _adapter_for(base.unet, dora, seed=7)
+    adapter = adapter_for(base.unet, dora, seed=7)
     save_adapter(adapter, tmp_path / "a")
-    reference = _unet_out(base)
+    reference = unet_out(base)
     with applied(base.pipe, [(load_adapter(tmp_path / "a"), 0.0)]):
-        assert torch.equal(_unet_out(base), reference)
+        assert torch.equal(unet_out(base), reference)
     with applied(base.pipe, [(load_adapter(tmp_path / "a"), 1.0)]):
-        ours = _unet_out(base)
-    assert torch.equal(_unet_out(base), reference), "leaving applied() must restore the base bit for bit"
+        ours = unet_out(base)
+    assert torch.equal(unet_out(base), reference), "leaving applied() must restore the base bit for bit"
     pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
     pipe.load_lora_weights(str(tmp_path / "a"))
-    theirs = _unet_out(type("B", (), {"unet": pipe.unet})())
+    theirs = unet_out(type("B", (), {"unet": pipe.unet})())
     assert not torch.allclose(ours, reference, atol=1e-4)
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
 
@@ -158,7 +124,7 @@ def test_bad_adapter_files_give_clear_errors(tmp_path, tiny_sd1_dir, tiny_sdxl_d
         load_adapter(tmp_path / "junk.safetensors")
     # An SDXL adapter on an SD1 model names the mismatch instead of a shape traceback.
     sdxl = load_base(str(tiny_sdxl_dir))
-    save_adapter(_adapter_for(sdxl.unet, True, 0), tmp_path / "x")
+    save_adapter(adapter_for(sdxl.unet, True, 0), tmp_path / "x")
     with pytest.raises(ZipqError, match="another model|architecture"):
         with applied(load_base(str(tiny_sd1_dir)).pipe, [(load_adapter(tmp_path / "x"), 1.0)]):
             pass
@@ -166,7 +132,7 @@ def test_bad_adapter_files_give_clear_errors(tmp_path, tiny_sd1_dir, tiny_sdxl_d
 
 def test_strength_out_of_range_is_refused(tiny_sd1_dir):
     base = load_base(str(tiny_sd1_dir))
-    adapter = _adapter_for(base.unet, False, 0)
+    adapter = adapter_for(base.unet, False, 0)
     with pytest.raises(ZipqError, match="between 0 and 1.5"):
         with applied(base.pipe, [(adapter, 2.0)]):
             pass
@@ -174,6 +140,6 @@ def test_strength_out_of_range_is_refused(tiny_sd1_dir):
 
 def test_weights_file_name_is_diffusers_default(tmp_path, tiny_sd1_dir):
     base = load_base(str(tiny_sd1_dir))
-    path = save_adapter(_adapter_for(base.unet, False, 0), tmp_path / "a")
+    path = save_adapter(adapter_for(base.unet, False, 0), tmp_path / "a")
     assert path.name == WEIGHTS_NAME == "pytorch_lora_weights.safetensors"
     assert np.isfinite(load_adapter(path).layers[next(iter(load_adapter(path).layers))].down.numpy()).all()

@@ -92,7 +92,7 @@ def test_bundled_examples_match_their_scenes_and_captions():
 
     from zipq_core.data import prepare_images
 
-    root = Path(__file__).resolve().parents[1] / "assets" / "examples"
+    root = Path(__file__).resolve().parents[2] / "assets" / "examples"
     for kind, names in (("subjects", world.HELDOUT_SUBJECTS), ("styles", world.HELDOUT_STYLES)):
         for name in names:
             folder = root / kind / name

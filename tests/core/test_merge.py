@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_adapters import _unet_out
 
 from zipq_core import TrainConfig, ZipqError, load_adapter, load_base, train_adapter
 from zipq_core.adapters import LoraLayer, applied, fuse_weight
@@ -12,6 +11,8 @@ from zipq_core.config import METHODS, MergeConfig
 from zipq_core.data import DataConfig, prepare_images
 from zipq_core.merge import merge_adapters, slider_adapters
 from zipq_core.merge.parts import concat_parts
+
+from helpers import unet_out
 
 
 def _train(base, folder, kind, token, noun, method, out):
@@ -56,16 +57,16 @@ def test_every_method_saves_a_file_diffusers_reads_exactly(method, adapters, tmp
     assert records[-1].done and records[-1].adapter_dir == tmp_path / "m"
     if cfg.learned:
         assert len(records) >= 2 and all(r.loss == r.loss for r in records[:-1])  # finite losses per step
-    reference = _unet_out(base)
+    reference = unet_out(base)
     with applied(base.pipe, slider_adapters(tmp_path / "m", 1.0, 1.0)):
-        merged_model = _unet_out(base)
+        merged_model = unet_out(base)
     with applied(base.pipe, [(load_adapter(tmp_path / "m"), 1.0)]):
-        merged_file = _unet_out(base)
+        merged_file = unet_out(base)
     assert torch.allclose(merged_model, merged_file, atol=1e-4)
     assert not torch.allclose(merged_model, reference, atol=1e-4)
     pipe = DiffusionPipeline.from_pretrained("assets/mini", local_files_only=True)
     pipe.load_lora_weights(str(tmp_path / "m"))
-    theirs = _unet_out(type("B", (), {"unet": pipe.unet})())
+    theirs = unet_out(type("B", (), {"unet": pipe.unet})())
     assert (theirs - merged_model).abs().max() < 1e-4
 
 
@@ -83,13 +84,13 @@ def test_sliders_zero_zero_is_base_exactly(adapters, tmp_path):
     base, made = adapters
     list(merge_adapters(base, made["subject_dora"], made["style_dora"], MergeConfig(method="zipq", steps=3),
                         tmp_path / "m"))
-    reference = _unet_out(base)
+    reference = unet_out(base)
     with applied(base.pipe, slider_adapters(tmp_path / "m", 0.0, 0.0)):
-        assert torch.equal(_unet_out(base), reference)
+        assert torch.equal(unet_out(base), reference)
     with applied(base.pipe, slider_adapters(tmp_path / "m", 1.0, 0.0)):
-        subject_only = _unet_out(base)
+        subject_only = unet_out(base)
     with applied(base.pipe, slider_adapters(tmp_path / "m", 0.0, 1.0)):
-        style_only = _unet_out(base)
+        style_only = unet_out(base)
     assert not torch.equal(subject_only, reference) and not torch.equal(style_only, subject_only)
 
 
@@ -97,9 +98,9 @@ def test_direct_merge_at_unit_weights_is_both_adapters_at_strength_one(adapters,
     base, made = adapters
     list(merge_adapters(base, made["subject_dora"], made["style_dora"], MergeConfig(method="direct"), tmp_path / "d"))
     with applied(base.pipe, [(load_adapter(made["subject_dora"]), 1.0), (load_adapter(made["style_dora"]), 1.0)]):
-        both = _unet_out(base)
+        both = unet_out(base)
     with applied(base.pipe, [(load_adapter(tmp_path / "d"), 1.0)]):
-        merged = _unet_out(base)
+        merged = unet_out(base)
     assert torch.allclose(both, merged, atol=1e-4)
 
 
@@ -141,13 +142,13 @@ def test_handoff_switches_to_the_detail_strength_below_its_noise_level(adapters)
 
     base, made = adapters
     adapter = load_adapter(made["subject_dora"])
-    reference = _unet_out(base)
+    reference = unet_out(base)
     full, none = _images(base, [(adapter, 1.0)]), _images(base, [])
     assert np.array_equal(_images(base, [(adapter, 1.0, 0.0)], handoff=0.0), full)
     assert np.array_equal(_images(base, [(adapter, 1.0, 0.0)], handoff=1.0), none)
     middle = _images(base, [(adapter, 1.0, 0.0)], handoff=0.5)
     assert not np.array_equal(middle, full) and not np.array_equal(middle, none)
-    assert torch.equal(_unet_out(base), reference), "generation must leave the base weights bit for bit"
+    assert torch.equal(unet_out(base), reference), "generation must leave the base weights bit for bit"
     assert not base.unet._forward_pre_hooks, "the hand-off hook must be removed after generation"
 
 

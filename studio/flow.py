@@ -1,0 +1,550 @@
+"""What a visitor does, as calls into the core and jobs in the registry: uploads, training, merging, generating,
+comparing, and the whole flow chained. No gradio here: the page's handlers (studio.handlers) turn form values into
+the forms below and this module's errors into messages; tests drive it without a server.
+
+Every heavy request is a job with an estimate from zipq_core.plan, refused when the estimate exceeds the server's
+per-job budget (the message names what to lower) and stopped by the registry's watchdog if it overruns.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from zipq_core import plan
+from zipq_core.adapters import INT8_DIR, load_adapter, load_training_views, save_adapter
+from zipq_core.base import BaseModel, out_of_memory
+from zipq_core.config import (
+    METHODS,
+    DataConfig,
+    GenerateConfig,
+    MergeConfig,
+    Sliders,
+    TrainConfig,
+    check_fraction,
+    check_strength,
+    family_defaults,
+)
+from zipq_core.data import ImageSet, prepare_images
+from zipq_core.errors import ZipqError
+from zipq_core.generation import AdapterSpec, detail_spec, generate
+from zipq_core.jobs import FINISHED, Job, JobContext, JobRegistry
+from zipq_core.merge import merge_adapters, slider_adapters
+from zipq_core.train import checkpoint_config, latest_checkpoint, train_adapter
+from zipq_core.train.checkpoints import checkpoint_step
+
+from . import sessions
+from .sessions import STYLE_TOKEN, SUBJECT_TOKEN, Quota, SessionPaths, Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "assets" / "examples"
+DEFAULT_SUBJECT_EXAMPLE, DEFAULT_STYLE_EXAMPLE = "heart", "zigzag"
+LIMITS = {"subject": (3, 10), "style": (1, 5)}  # images per concept
+MAX_UPLOAD_FILES = 40  # images and their caption files in one upload
+MERGE_LABELS = {"zipq": "ZipQDoRA", "zip": "ZipLoRA", "direct": "direct (weighted sum)", "ties": "TIES",
+                "dare": "DARE", "blora": "B-LoRA"}
+
+
+def number(value: object, name: str, kind: type = float):
+    """A form field's number, or a message naming the field (an emptied number box sends None)."""
+    try:
+        result = kind(float(value))
+    except (TypeError, ValueError, OverflowError):
+        raise ZipqError(f"{name} needs a number (the field is empty or not a number).") from None
+    if isinstance(result, float) and not math.isfinite(result):
+        raise ZipqError(f"{name} needs a finite number.")
+    return result
+
+
+# --------------------------------------------------------------------------------------------------- forms
+@dataclass(frozen=True)
+class TrainForm:
+    """The Train tab's fields."""
+
+    which: str = "both"
+    method: str = "dora"
+    quantize: str = "none"
+    int8: bool = False
+    rank: int = 8
+    steps: int = 300
+    learning_rate: float = 3e-3
+    resolution: int = 64
+    prior: bool = False
+    sample_every: int = 50
+
+    @classmethod
+    def parse(cls, which, method, quantize, int8, rank, steps, lr, resolution, prior, sample_every) -> TrainForm:
+        if which not in ("subject", "style", "both"):
+            raise ZipqError("Train 'subject', 'style' or 'both'.")
+        return cls(which=which, method=method, quantize=quantize, int8=bool(int8), rank=number(rank, "Rank", int),
+                   steps=number(steps, "Steps", int), learning_rate=number(lr, "Learning rate"),
+                   resolution=number(resolution, "Resolution", int), prior=bool(prior),
+                   sample_every=number(sample_every, "Preview every N steps", int))
+
+    @property
+    def kinds(self) -> list[str]:
+        return ["subject", "style"] if self.which == "both" else [self.which]
+
+
+@dataclass(frozen=True)
+class MergeForm:
+    """The Merge tab's fields."""
+
+    method: str = "zipq"
+    lam: float = 0.01
+    steps: int = 100
+    subject_weight: float = 1.0
+    style_weight: float = 1.0
+    density: float = 0.5
+
+    @classmethod
+    def parse(cls, method, lam, steps, subject_weight, style_weight, density) -> MergeForm:
+        return cls(method=method, lam=number(lam, "λ"), steps=number(steps, "Steps", int),
+                   subject_weight=number(subject_weight, "Subject weight"),
+                   style_weight=number(style_weight, "Style weight"), density=number(density, "Density"))
+
+    def config(self) -> MergeConfig:
+        return MergeConfig(method=self.method, steps=self.steps, lam=self.lam, subject_weight=self.subject_weight,
+                           style_weight=self.style_weight, density=self.density)
+
+
+@dataclass(frozen=True)
+class GenerateForm:
+    """The Generate tab's fields: the request and the merge's sliders."""
+
+    request: GenerateConfig
+    sliders: Sliders
+
+    @classmethod
+    def parse(cls, prompt, negative, seed, steps, guidance, width, height, num_images, subject_strength,
+              style_strength, subject_detail=Sliders.subject_detail, handoff=GenerateConfig.handoff,
+              candidates=1) -> GenerateForm:
+        request = GenerateConfig(prompt=prompt or "", negative_prompt=negative or "", seed=number(seed, "Seed", int),
+                                 steps=number(steps, "Steps", int), guidance=number(guidance, "Guidance"),
+                                 width=number(width, "Width", int), height=number(height, "Height", int),
+                                 num_images=number(num_images, "Images", int), handoff=number(handoff, "Hand-off"),
+                                 candidates=number(candidates, "Candidates per image", int))
+        sliders = Sliders(subject=check_strength(number(subject_strength, "Subject strength")),
+                          style=check_strength(number(style_strength, "Style strength")),
+                          subject_detail=check_fraction(number(subject_detail, "Subject in fine detail"),
+                                                        "subject in fine detail"))
+        return cls(request, sliders)
+
+
+# ------------------------------------------------------------------------------------------------- studio
+@dataclass
+class Stored:
+    """The outcome of an upload: the accepted views, what was not kept, the session's words now."""
+
+    images: ImageSet
+    ignored: list[str]
+    settings: Settings
+    guess: str | None = None
+
+
+class Studio:
+    """The app's behaviour over one base model and one job registry.
+
+    Args:
+        base: the loaded base model (shared by every session; jobs take turns on it).
+        registry: sessions and jobs.
+        budget_s: device-seconds one job may cost (estimates above it are refused, overruns stopped).
+        quota: disk per session and in all.
+        speed: this device's measured throughput on the base (measured on first use when None).
+    """
+
+    def __init__(self, base: BaseModel, registry: JobRegistry, budget_s: float = math.inf,
+                 quota: Quota | None = None, speed: plan.Speed | None = None):
+        self.base = base
+        self.registry = registry
+        self.budget_s = budget_s
+        self.quota = quota or Quota()
+        self._speed = speed
+
+    @property
+    def speed(self) -> plan.Speed:
+        if self._speed is None:
+            self._speed = plan.measure_speed(self.base)
+        return self._speed
+
+    @property
+    def defaults(self):
+        return family_defaults(self.base.family)
+
+    # ------------------------------------------------------------------------------------------ sessions
+    def new_session(self, address: str = "") -> str:
+        self.registry.cleanup()  # a cheap moment to forget sessions past their time-to-live
+        return self.registry.new_session(address)
+
+    def paths(self, session: str) -> SessionPaths:
+        return SessionPaths(self.registry.session_dir(self.registry.check(session)))
+
+    def _check_disk(self, paths: SessionPaths, incoming_bytes: int = 0, incoming_files: int = 0) -> None:
+        total = self.registry.usage()[0]
+        if total + incoming_bytes > self.quota.total_bytes:
+            self.registry.cleanup()
+            total = self.registry.usage()[0]
+        self.quota.check(sessions.usage(paths), total, incoming_bytes, incoming_files)
+
+    # --------------------------------------------------------------------------------------------- data
+    def data_config(self, kind: str, resolution: int | None = None) -> DataConfig:
+        low, high = LIMITS[kind]
+        return DataConfig(resolution=resolution or self.base.default_size, min_images=low, max_images=high)
+
+    def caption(self, kind: str, s: Settings) -> str:
+        return TrainConfig(kind=kind, token=s.token(kind), class_noun=s.noun(kind)).instance_prompt
+
+    def prepare(self, kind: str, sources, s: Settings, resolution: int | None = None) -> ImageSet:
+        return prepare_images(sources, self.caption(kind, s), self.data_config(kind, resolution), token=s.token(kind))
+
+    def store_images(self, kind: str, session: str, files: Sequence[str | Path] | None, token: str,
+                     noun: str) -> Stored:
+        """Check and keep a concept's uploads. A refused upload changes nothing: the earlier images stay."""
+        low, high = LIMITS[kind]
+        if not files:
+            raise ZipqError(f"Upload {low}–{high} {kind} images first (PNG, JPEG or WebP).")
+        if len(files) > MAX_UPLOAD_FILES:
+            raise ZipqError(f"{len(files)} files in one upload: send at most {high} {kind} images (and their caption "
+                            "files).")
+        paths = self.paths(session)
+        s = paths.read_settings().with_words(kind, token, noun)
+        uploads = sessions.sort_uploads(files)
+        self._check_disk(paths, uploads.bytes, len(uploads.keep))
+        folder = paths.images(kind)
+        staging = sessions.stage_uploads(uploads.keep, folder)
+        try:
+            image_set = self.prepare(kind, staging, s)
+        except ZipqError:
+            sessions.discard_staged(folder)
+            raise
+        sessions.commit_staged(staging, folder, [r.name for r in image_set.rejected])
+        image_set = self.prepare(kind, folder, s)  # the kept files, named as stored
+        guess = self.noun_guess(kind, image_set)
+        if kind == "subject" and guess and not s.class_noun:  # an empty class noun takes the evaluator's guess
+            s = s.with_words(kind, s.subject_token, guess)
+        paths.write_settings(s)
+        return Stored(image_set, uploads.ignored, s, guess)
+
+    def noun_guess(self, kind: str, image_set: ImageSet) -> str | None:
+        """On mini the offline evaluator names what the subject images show (a class-noun suggestion)."""
+        if kind != "subject" or not self.base.is_mini:
+            return None
+        from zipq_mini.evaluator import summarize_predictions
+
+        try:
+            counts = summarize_predictions([t.image for t in image_set.images])["subject"]
+        except (ZipqError, OSError, KeyError):
+            return None
+        return next(iter(counts), None)
+
+    def stored_views(self, kind: str, session: str) -> ImageSet | None:
+        """The session's kept images of a concept, prepared (None when there are none or they no longer pass)."""
+        paths = self.paths(session)
+        folder = paths.images(kind)
+        if not folder.exists() or not any(folder.iterdir()):
+            return None
+        return self.prepare(kind, folder, paths.read_settings())
+
+    def remember_words(self, session: str, subject_token: str, class_noun: str, style_token: str,
+                       style_noun: str) -> Settings:
+        paths = self.paths(session)
+        s = paths.read_settings().with_words("subject", subject_token, class_noun)
+        s = s.with_words("style", style_token, style_noun)
+        paths.write_settings(s)
+        return s
+
+    def load_examples(self, session: str, subject_name: str, style_name: str) -> tuple[Stored, Stored]:
+        """Fill the Subject and Style tabs from `assets/examples` (tokens sks / zkz, class = folder name)."""
+        subject_name = subject_name or DEFAULT_SUBJECT_EXAMPLE
+        style_name = style_name or DEFAULT_STYLE_EXAMPLE
+        if subject_name not in example_names("subject") or style_name not in example_names("style"):
+            raise ZipqError(f"Unknown example: choose a subject from {example_names('subject')} and a style "
+                            f"from {example_names('style')}.")
+        sub = self.store_images("subject", session, example_files("subjects", subject_name), SUBJECT_TOKEN,
+                                subject_name)
+        sty = self.store_images("style", session, example_files("styles", style_name), STYLE_TOKEN, "")
+        return sub, sty
+
+    # -------------------------------------------------------------------------------------------- budgets
+    def _within_budget(self, estimate: float, what: str, lower: str) -> float:
+        if estimate > self.budget_s:
+            raise ZipqError(f"This {what} would take about {plan.describe(estimate)} on this server, over its "
+                            f"{plan.describe(self.budget_s)} limit per job: {lower}.")
+        return estimate
+
+    def _busy(self, session: str, kind: str) -> bool:
+        job = self.registry.latest(session, kind)
+        return job is not None and job.status not in FINISHED
+
+    # ------------------------------------------------------------------------------------------- training
+    def train_config(self, kind: str, s: Settings, form: TrainForm) -> TrainConfig:
+        return TrainConfig(kind=kind, token=s.token(kind), class_noun=s.noun(kind), method=form.method,
+                           rank=form.rank, learning_rate=form.learning_rate, steps=form.steps,
+                           resolution=form.resolution, prior_preservation=form.prior and kind == "subject",
+                           quantize_base=form.quantize, sample_every=form.sample_every,
+                           checkpoint_every=max(10, form.steps // 4))
+
+    def submit_training(self, session: str, form: TrainForm) -> list[Job]:
+        """Queue training of the subject, the style or both (one after the other); returns at once."""
+        paths = self.paths(session)
+        s = paths.read_settings()
+        cfgs = [self.train_config(kind, s, form) for kind in form.kinds]  # validate all before starting any
+        return self._submit_training(session, paths, cfgs, form.int8, resume=False)
+
+    def resume(self, session: str, which: str) -> list[Job]:
+        """Continue interrupted or cancelled trainings from their newest checkpoint, with the settings they began
+        with (whatever the form says now)."""
+        paths = self.paths(session)
+        kinds = ["subject", "style"] if which == "both" else [which]
+        cfgs = []
+        for kind in kinds:
+            ckpt = latest_checkpoint(paths.adapter(kind))
+            saved = checkpoint_config(ckpt) if ckpt is not None else None
+            if saved is None:
+                raise ZipqError(f"Nothing to resume for the {kind}: no checkpoint yet (a finished training keeps "
+                                "none). Start a training instead.")
+            cfgs.append(saved)
+        earlier = [self.registry.latest(session, f"train-{kind}") for kind in kinds]
+        int8 = any(j is not None and j.meta.get("int8") for j in earlier)
+        return self._submit_training(session, paths, cfgs, int8, resume=True)
+
+    def _submit_training(self, session: str, paths: SessionPaths, cfgs: list[TrainConfig], int8: bool,
+                         resume: bool) -> list[Job]:
+        estimates = []
+        for cfg in cfgs:
+            if not paths.images(cfg.kind).exists():
+                raise ZipqError(f"No {cfg.kind} images yet: upload them in the {cfg.kind.title()} tab (or load the "
+                                "examples).")
+            if self._busy(session, f"train-{cfg.kind}"):
+                raise ZipqError(f"A {cfg.kind} training is already queued or running: wait for it or cancel it.")
+            done = checkpoint_step(latest_checkpoint(paths.adapter(cfg.kind))) if resume else 0
+            full = plan.train_seconds(self.base, cfg, self.speed)
+            estimates.append(self._within_budget(full * (cfg.steps - done) / cfg.steps, f"{cfg.kind} training",
+                                                 "lower the steps, the resolution or the batch"))
+        self._check_disk(paths)
+        return [self.registry.submit(session, f"train-{cfg.kind}",
+                                     functools.partial(self._train_job, cfg, int8, resume, paths),
+                                     label=f"{'resume' if resume else 'train'} {cfg.kind}", estimate_s=estimate,
+                                     budget_s=self.budget_s, meta={"int8": int8, "kind": cfg.kind})
+                for cfg, estimate in zip(cfgs, estimates)]
+
+    def _train_job(self, cfg: TrainConfig, int8: bool, resume: bool, paths: SessionPaths, ctx: JobContext):
+        """The job body: prepare the stored images, run the core's trainer, optionally save an INT8 copy."""
+        out = paths.adapter(cfg.kind)
+        if not resume:
+            shutil.rmtree(out, ignore_errors=True)  # a fresh training starts from nothing (the merge is kept)
+        # The caption comes from the config made at submission, even if the tokens were edited since.
+        images = prepare_images(paths.images(cfg.kind), cfg.instance_prompt,
+                                self.data_config(cfg.kind, cfg.resolution), token=cfg.token)
+        with out_of_memory("lower the resolution, the rank or the batch, or train on a quantized base (QDoRA)"):
+            yield from train_adapter(self.base, images, cfg, out, resume=resume, cancel=ctx.cancel,
+                                     info={"base": self.base.spec})
+        if int8 and paths.has_adapter(cfg.kind):
+            ctx.artifact("int8", save_adapter(load_adapter(out), out / INT8_DIR, storage="int8"))
+            ctx.log("Saved an INT8 copy of the adapter.")
+
+    def resumable_step(self, session: str, kind: str) -> int | None:
+        """The step a resume of this concept's training would continue from (None: nothing to resume)."""
+        ckpt = latest_checkpoint(self.paths(session).adapter(kind))
+        return checkpoint_step(ckpt) if ckpt is not None else None
+
+    def cancel(self, session: str, what: str = "all") -> int:
+        """Cancel the session's unfinished jobs whose kind starts with `what` ('train', 'merge', 'generate', 'all')."""
+        self.registry.check(session)
+        prefix = "" if what == "all" else what
+        jobs = [j for j in self.registry.jobs_for(session) if j.status not in FINISHED and j.kind.startswith(prefix)]
+        for job in jobs:
+            self.registry.cancel(job.id, "Cancelled: what was made so far is kept.")
+        return len(jobs)
+
+    # --------------------------------------------------------------------------------------------- merging
+    def submit_merge(self, session: str, form: MergeForm, after: Sequence[str] = ()) -> Job:
+        """Queue a merge of the session's subject and style adapters; returns at once."""
+        cfg = form.config()
+        paths = self.paths(session)
+        if not after:
+            for kind in ("subject", "style"):
+                if self._busy(session, f"train-{kind}"):
+                    raise ZipqError(f"The {kind} adapter is still training: merge when it is done.")
+                if not paths.has_adapter(kind):
+                    raise ZipqError(f"No {kind} adapter yet: train it in the Train tab first.")
+            if cfg.method == "zipq" and not all(load_adapter(paths.adapter(k)).use_dora for k in ("subject", "style")):
+                raise ZipqError("ZipQDoRA merges two DoRA adapters; these are LoRA: choose ZipLoRA (zip) instead.")
+        if self._busy(session, "merge"):
+            raise ZipqError("A merge is already queued or running: wait for it or cancel it.")
+        estimate = self._within_budget(plan.merge_seconds(self.base, cfg, self.speed), "merge", "lower the steps")
+        self._check_disk(paths)
+        return self.registry.submit(session, "merge", functools.partial(self._merge_job, cfg, paths),
+                                    label=f"merge ({MERGE_LABELS.get(cfg.method, cfg.method)})", after=after,
+                                    estimate_s=estimate, budget_s=self.budget_s)
+
+    def _merge_job(self, cfg: MergeConfig, paths: SessionPaths, ctx: JobContext):
+        staging = paths.merged.with_name("merged.new")  # the earlier merge stays until this one succeeds
+        shutil.rmtree(staging, ignore_errors=True)
+        with out_of_memory("merge with fewer steps or a smaller batch"):
+            for record in merge_adapters(self.base, paths.adapter("subject"), paths.adapter("style"), cfg, staging,
+                                         cancel=ctx.cancel):
+                if record.done:
+                    shutil.rmtree(paths.merged, ignore_errors=True)
+                    staging.rename(paths.merged)
+                    record.adapter_dir = paths.merged
+                    sessions.record_made_from(paths)
+                yield record
+        shutil.rmtree(staging, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------ generation
+    def slider_adapters(self, paths: SessionPaths, sliders: Sliders) -> list[AdapterSpec]:
+        """The merged adapter's parts at the slider strengths, else the two adapters themselves (the subject one at
+        `subject_detail` × its strength in the fine-detail steps, as for a merge)."""
+        if paths.has_adapter("merged"):
+            return slider_adapters(paths.merged, sliders.subject, sliders.style, sliders.subject_detail)
+        specs: list[AdapterSpec] = []
+        if paths.has_adapter("subject"):
+            specs.append(detail_spec(load_adapter(paths.adapter("subject")), sliders.subject, sliders.subject_detail))
+        if paths.has_adapter("style"):
+            specs.append((load_adapter(paths.adapter("style")), sliders.style))
+        return specs
+
+    def submit_generate(self, session: str, form: GenerateForm, after: Sequence[str] = ()) -> Job:
+        """Queue a generation; its images land in the session's outputs and the job's artifacts."""
+        paths = self.paths(session)
+        # Judges: one per adapter in use (a queued merge will have two parts).
+        judges = 2 if after or paths.has_adapter("merged") else sum(paths.has_adapter(k) for k in ("subject", "style"))
+        estimate = self._within_budget(plan.generate_seconds(self.base, form.request, judges, self.speed),
+                                       "generation", "make fewer or smaller images, fewer steps or fewer candidates "
+                                       "per image")
+        self._check_disk(paths)
+        return self.registry.submit(session, "generate", functools.partial(self._generate_job, form, paths),
+                                    label="generate", after=after, estimate_s=estimate, budget_s=self.budget_s,
+                                    meta={"note": self._generation_note(form), "seed": form.request.seed})
+
+    def _generation_note(self, form: GenerateForm) -> str:
+        s, r = form.sliders, form.request
+        note = (f"subject strength {s.subject:g}, style strength {s.style:g}, subject in fine detail "
+                f"{s.subject_detail:g} below noise level {r.handoff:g}")
+        return note + (f", each image the best of {r.candidates} candidates" if r.candidates > 1 else "")
+
+    def _generate_job(self, form: GenerateForm, paths: SessionPaths, ctx: JobContext):
+        adapters = self.slider_adapters(paths, form.sliders)
+        started = time.time()
+        images = generate(self.base, form.request, adapters, on_step=ctx.progress, cancel=ctx.cancel)
+        for i, path in enumerate(save_pngs(images, paths.outputs, f"gen-{form.request.seed}")):
+            ctx.artifact(f"image{i}", path)
+        used = ("the merged adapter" + ("" if sessions.merged_is_current(paths) else
+                                        " (made from earlier adapters: merge again to use the new ones)"))
+        if not paths.has_adapter("merged"):
+            used = f"{len(adapters)} adapter(s)" if adapters else "the base model alone (no adapters trained yet)"
+        ctx.log(f"{len(images)} image(s) in {time.time() - started:.1f} s with {used}.")
+        return ()
+
+    def compare_variants(self, paths: SessionPaths) -> list[tuple[str, list]]:
+        """Base, each adapter alone, the direct merge and the learned merge, one candidate each."""
+        have = {k: paths.has_adapter(k) for k in ("subject", "style", "merged")}
+        if not (have["subject"] or have["style"]):
+            raise ZipqError("Train a subject and a style adapter first: there is nothing to compare yet.")
+        ad = {k: load_adapter(paths.adapter(k)) for k in ("subject", "style") if have[k]}
+        variants: list[tuple[str, list]] = [("base", [])]
+        variants += [(f"{k} only", [(ad[k], 1.0)]) for k in ("subject", "style") if k in ad]
+        if len(ad) == 2:
+            variants.append(("direct merge", [(ad["subject"], 1.0), (ad["style"], 1.0)]))
+        if have["merged"]:
+            method = load_adapter(paths.merged).info.get("method", "merged")
+            if method != "direct":
+                s = Sliders()  # what the Generate tab starts with
+                variants.append((MERGE_LABELS.get(method, method),
+                                 slider_adapters(paths.merged, s.subject, s.style, s.subject_detail)))
+        return variants
+
+    def submit_compare(self, session: str, prompt: str, seed, steps, num_images) -> Job:
+        paths = self.paths(session)
+        size = self.base.default_size
+        cfg = GenerateConfig(prompt=prompt or "", seed=number(seed, "Seed", int), steps=number(steps, "Steps", int),
+                             width=size, height=size, num_images=number(num_images, "Images per variant", int))
+        variants = self.compare_variants(paths)
+        estimate = len(variants) * plan.generate_seconds(self.base, cfg, 0, self.speed)
+        self._within_budget(estimate, "comparison", "compare fewer images or with fewer steps")
+        self._check_disk(paths)
+        return self.registry.submit(session, "compare", functools.partial(self._compare_job, cfg, paths),
+                                    label="compare", estimate_s=estimate, budget_s=self.budget_s)
+
+    def _compare_job(self, cfg: GenerateConfig, paths: SessionPaths, ctx: JobContext):
+        variants = self.compare_variants(paths)
+        refs = {kind: views[0] for kind in ("subject", "style")
+                if paths.has_adapter(kind) and (views := load_training_views(paths.adapter(kind)))}
+        rows = []
+        for v, (name, adapters) in enumerate(variants):
+            images = generate(self.base, cfg, adapters, cancel=ctx.cancel,
+                              on_step=lambda i, n, v=v: ctx.progress(v * n + i, len(variants) * n))
+            for i, path in enumerate(save_pngs(images, paths.outputs, f"compare-{v}-{cfg.seed}")):
+                ctx.artifact(f"cmp{v}-{i}", path)
+            rows.append(score_row(name, images, refs, cfg.prompt) if self.base.is_mini else [name])
+        ctx.job.meta.update({"variants": [name for name, _ in variants], "rows": rows})
+        return ()
+
+    # ---------------------------------------------------------------------------------------- whole flow
+    def run_flow(self, session: str, subject_name: str, style_name: str, steps, merge_method: str, merge_steps,
+                 prompt: str, seed) -> tuple[tuple[Stored, Stored] | None, list[Job], str]:
+        """Load the examples when a tab is empty, then queue: train subject → train style → merge → generate.
+
+        Returns:
+            (the examples loaded, or None when the session had images of its own; the jobs; the prompt used).
+        """
+        paths = self.paths(session)
+        if any(j.status not in FINISHED for j in self.registry.jobs_for(session)):
+            raise ZipqError("This session already has jobs queued or running: wait for them, or cancel them.")
+        empty = not (paths.images("subject").exists() and paths.images("style").exists())
+        loaded = self.load_examples(session, subject_name, style_name) if empty else None
+        s = paths.read_settings()
+        prompt = s.prompt if empty or not (prompt or "").strip() else prompt
+        steps = number(steps or self.defaults.steps, "Steps", int)
+        form = TrainForm(which="both", steps=steps, learning_rate=self.defaults.learning_rate,
+                         rank=self.defaults.rank, resolution=self.base.default_size, sample_every=max(1, steps // 3))
+        jobs = self.submit_training(session, form)
+        method = merge_method if merge_method in METHODS else "zipq"
+        merge = MergeForm(method=method, steps=number(merge_steps or 100, "Merge steps", int))
+        jobs.append(self.submit_merge(session, merge, after=[j.id for j in jobs]))
+        size = self.base.default_size
+        request = GenerateConfig(prompt=prompt, seed=number(seed or 0, "Seed", int), width=size, height=size,
+                                 num_images=4, candidates=self.defaults.candidates)
+        jobs.append(self.submit_generate(session, GenerateForm(request, Sliders()), after=[jobs[-1].id]))
+        paths.write_settings(replace(s, flow_jobs=tuple(j.id for j in jobs)))
+        return loaded, jobs, prompt
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def example_names(kind: str) -> list[str]:
+    folder = EXAMPLES / ("subjects" if kind == "subject" else "styles")
+    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.exists() else []
+
+
+def example_files(group: str, name: str) -> list[Path]:
+    """An example set's images and their caption sidecars (`<i>.txt`, read by the data stage)."""
+    folder = EXAMPLES / group / name
+    return sorted(folder.glob("*.png")) + sorted(folder.glob("*.txt"))
+
+
+def save_pngs(images: Sequence, folder: Path, stem: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%H%M%S")
+    paths = []
+    for i, image in enumerate(images):
+        path = folder / f"{stem}-{stamp}-{i}.png"
+        image.save(path)
+        paths.append(path)
+    return paths
+
+
+def score_row(name: str, images: list, refs: dict, prompt: str) -> list:
+    """One Compare-table row from the offline evaluator: subject/style probability and similarity, prompt."""
+    from zipq_mini.evaluator import evaluate_images
+
+    r = evaluate_images(images, subject_ref=refs.get("subject"), style_ref=refs.get("style"), prompt=prompt)
+    sub, sty, pr = r.get("subject", {}), r.get("style", {}), r.get("prompt", {})
+    return [name, round(sub.get("prob", float("nan")), 3), round(sub.get("cosine", float("nan")), 3),
+            round(sty.get("prob", float("nan")), 3), round(sty.get("cosine", float("nan")), 3),
+            None if pr.get("acc") is None else round(pr["acc"], 3)]

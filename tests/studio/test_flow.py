@@ -1,0 +1,111 @@
+"""The studio's behaviour without a server (studio.flow, studio.sessions): uploads sorted and staged, quotas, budgets,
+the whole flow as a chain of jobs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from studio.flow import GenerateForm, MergeForm, Studio, TrainForm, example_files
+from studio.sessions import Quota, sort_uploads
+from zipq_core import plan
+from zipq_core.errors import ZipqError
+from zipq_core.jobs import JobRegistry
+
+
+@pytest.fixture
+def studio(mini, tmp_path):
+    registry = JobRegistry(root=tmp_path / "sessions")
+    yield Studio(mini, registry, budget_s=120.0, quota=Quota(session_bytes=2 * 2**20),
+                 speed=plan.Speed(flops_per_second=2e10))
+    registry.close()
+
+
+def images(folder: Path, n: int, size=(96, 96)) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        Image.new("RGB", size, (40 * i, 90, 200)).save(folder / f"{i}.png")
+        out.append(folder / f"{i}.png")
+    return out
+
+
+def test_uploads_keep_images_and_their_captions_only(tmp_path):
+    files = images(tmp_path, 2)
+    (tmp_path / "0.txt").write_text("a caption")
+    (tmp_path / "orphan.txt").write_text("x" * 100)
+    (tmp_path / "notes.pdf").write_bytes(b"%PDF")
+    sorted_ = sort_uploads([*files, tmp_path / "0.txt", tmp_path / "orphan.txt", tmp_path / "notes.pdf"])
+    assert [p.name for p in sorted_.keep] == ["0.png", "1.png", "0.txt"]
+    assert [line.split(":")[0] for line in sorted_.ignored] == ["orphan.txt", "notes.pdf"]
+
+
+def test_a_refused_upload_keeps_the_earlier_images(studio, tmp_path):
+    session = studio.new_session()
+    stored = studio.store_images("subject", session, images(tmp_path / "a", 3), "sks", "thing")
+    assert len(stored.images.images) == 3
+    kept = sorted(p.name for p in studio.paths(session).images("subject").iterdir())
+    with pytest.raises(ZipqError, match="at least 3"):
+        studio.store_images("subject", session, images(tmp_path / "b", 1), "sks", "thing")
+    assert sorted(p.name for p in studio.paths(session).images("subject").iterdir()) == kept
+    assert not any(p.name.endswith(".staging") for p in studio.paths(session).root.rglob("*"))
+
+
+def test_the_session_quota_refuses_with_what_to_do(studio, tmp_path):
+    session = studio.new_session()
+    big = images(tmp_path / "big", 3, size=(1200, 1200))
+    noise = Image.effect_noise((1200, 1200), 100).convert("RGB")  # incompressible: ~1.4 MB a PNG
+    for p in big:
+        noise.save(p)
+    with pytest.raises(ZipqError, match="limit is 2 MB.*New session"):
+        studio.store_images("subject", session, big, "sks", "thing")
+
+
+def test_requests_over_the_budget_name_what_to_lower(studio):
+    session = studio.new_session()
+    studio.load_examples(session, "heart", "zigzag")
+    with pytest.raises(ZipqError, match="limit per job: lower the steps"):
+        studio.submit_training(session, TrainForm(which="subject", steps=100_000, resolution=64))
+    form = GenerateForm.parse("a heart", "", 0, 200, 5.0, 2048, 2048, 16, 1, 1, 1, 0.5, 1)
+    with pytest.raises(ZipqError, match="fewer or smaller images"):
+        studio.submit_generate(session, form)
+    assert studio.registry.jobs_for(session) == []
+
+
+def test_the_whole_flow_is_a_chain_of_jobs_with_estimates(studio):
+    session = studio.new_session()
+    loaded, jobs, prompt = studio.run_flow(session, "moon", "grid", 3, "direct", 2, "", 1)
+    assert loaded is not None and prompt == "a photo of sks moon in zkz style"
+    assert [j.kind for j in jobs] == ["train-subject", "train-style", "merge", "generate"]
+    assert jobs[2].after == (jobs[0].id, jobs[1].id) and jobs[3].after == (jobs[2].id,)
+    assert all(0 < j.estimate_s < math.inf and j.budget_s == 120.0 for j in jobs)
+    assert studio.paths(session).read_settings().flow_jobs == tuple(j.id for j in jobs)
+    with pytest.raises(ZipqError, match="already has jobs"):
+        studio.run_flow(session, "moon", "grid", 3, "direct", 2, "", 1)
+    for job in jobs:
+        studio.registry.wait(job.id, 120)
+    assert [j.status for j in jobs] == ["done"] * 4, [j.error for j in jobs]
+    assert len([k for k in jobs[-1].artifacts if k.startswith("image")]) == 4
+    # A finished training keeps no checkpoints (they are for resuming only).
+    assert not (studio.paths(session).adapter("subject") / "checkpoints").exists()
+    assert studio.resumable_step(session, "subject") is None
+    with pytest.raises(ZipqError, match="Nothing to resume"):
+        studio.resume(session, "subject")
+
+
+def test_merge_form_refuses_non_finite_values():
+    with pytest.raises(ZipqError, match="finite"):
+        MergeForm.parse("zipq", float("nan"), 10, 1, 1, 0.5)
+    from zipq_core.config import MergeConfig
+
+    for lam in (float("inf"), float("nan")):  # the core refuses them too (NaN passes every `<` check)
+        with pytest.raises(ZipqError, match="λ must be a finite number"):
+            MergeConfig(lam=lam)
+
+
+def test_examples_ship_images_and_captions():
+    files = example_files("subjects", "heart")
+    assert any(f.suffix == ".png" for f in files) and any(f.suffix == ".txt" for f in files)
