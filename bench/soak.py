@@ -49,17 +49,18 @@ def start_app(work: Path, port: int, args) -> subprocess.Popen:
            "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "app.py", "--work-dir", str(work / "sessions"), "--port", str(port),
            "--max-job-seconds", str(args.budget), "--ttl-hours", str(args.ttl / 3600),
-           "--sessions-per-address", str(args.sessions + 3)]
+           "--sessions-per-address", "4", "--trust-proxy"]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(work / "app.log", "w"))
 
 
-def connect(url: str, timeout: float = 180):
+def connect(url: str, address: str = "10.0.0.1", timeout: float = 180):
+    """A client; behind the app's trusted proxy each visitor has its own address (X-Forwarded-For)."""
     from gradio_client import Client
 
     deadline = time.time() + timeout
     while True:
         try:
-            return Client(url, verbose=False)
+            return Client(url, verbose=False, headers={"X-Forwarded-For": address})
         except Exception:
             if time.time() > deadline:
                 raise
@@ -76,8 +77,8 @@ def wait_all(client, session: str, poll: float = 1.0, timeout: float = 3600) -> 
     raise TimeoutError(session)
 
 
-def well_behaved(url: str, index: int, args, log: list) -> dict:
-    client = connect(url)
+def well_behaved(url: str, index: int, args) -> dict:
+    client = connect(url, f"10.0.1.{index + 1}")
     session = client.predict(api_name="/new_session")
     subject, style = PAIRS[index % len(PAIRS)]
     errors = []
@@ -89,7 +90,7 @@ def well_behaved(url: str, index: int, args, log: list) -> dict:
         except Exception as e:  # counted, not raised: the soak reports every failure
             errors.append(f"{type(e).__name__}: {str(e)[:200]}")
     jobs = client.predict(session, api_name="/job_status")["jobs"]
-    log.append(("well", session))
+    print(f"visitor {index}: {len(jobs)} jobs, {len(errors)} errors", file=sys.stderr, flush=True)
     return {"session": session, "jobs": jobs, "errors": errors}
 
 
@@ -97,7 +98,7 @@ def hostile(url: str, args, stop: threading.Event) -> dict:
     """Everything a hostile visitor may try; returns what was refused and the jobs it got."""
     from gradio_client import handle_file
 
-    client = connect(url)
+    client = connect(url, "10.6.6.6")
     refused: dict[str, int] = {}
 
     def expect_refusal(name: str, fn) -> None:
@@ -116,7 +117,7 @@ def hostile(url: str, args, stop: threading.Event) -> dict:
     client.predict(session, "heart", "zigzag", api_name="/load_examples")
     expect_refusal("over_budget_training", lambda: client.predict(
         session, "subject", "dora", "none", False, 64, 100000, 1e-3, 64, False, 0, api_name="/train"))
-    for _ in range(args.sessions + 5):  # flood: past the per-address cap
+    for _ in range(10):  # flood: past the per-address cap (4)
         expect_refusal("session_flood", lambda: client.predict(api_name="/new_session"))
     # Then the costliest requests the budget allows, back to back: trainings sized to the budget.
     submitted = 0
@@ -143,13 +144,9 @@ def _refusing(outputs) -> None:
 
 
 def eligible_at(job: dict, chain: list[dict]) -> float:
-    """When a job of the whole flow could run: trainings at once, the merge after both, generation after it."""
-    done = {j["kind"]: j["finished"] or j["created"] for j in chain}
-    if job["kind"] == "merge":
-        return max(job["created"], done.get("train-subject", 0), done.get("train-style", 0))
-    if job["kind"] == "generate":
-        return max(job["created"], done.get("merge", 0))
-    return job["created"]
+    """When a job of the whole flow could run: each after the one before it (subject, style, merge, generate)."""
+    index = chain.index(job)
+    return max(job["created"], chain[index - 1]["finished"] or 0) if index else job["created"]
 
 
 def served(job: dict, until: float, since: float) -> float:
@@ -212,13 +209,14 @@ def main() -> None:
     try:
         connect(url)
         stop = threading.Event()
-        log: list = []
         with concurrent.futures.ThreadPoolExecutor(args.sessions + 1) as pool:
             bad = pool.submit(hostile, url, args, stop)
             time.sleep(5)  # the hostile visitor is already in the queue when the others arrive
-            good = [pool.submit(well_behaved, url, i, args, log) for i in range(args.sessions)]
-            well = [f.result() for f in good]
-            stop.set()
+            good = [pool.submit(well_behaved, url, i, args) for i in range(args.sessions)]
+            try:
+                well = [f.result() for f in good]
+            finally:
+                stop.set()
             evil = bad.result()
         hostile_jobs = evil["jobs"]
         connect(url).predict(evil["session"], "all", api_name="/cancel")  # what it still has queued

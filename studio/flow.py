@@ -108,9 +108,10 @@ class MergeForm:
                    subject_weight=number(subject_weight, "Subject weight"),
                    style_weight=number(style_weight, "Style weight"), density=number(density, "Density"))
 
-    def config(self) -> MergeConfig:
-        return MergeConfig(method=self.method, steps=self.steps, lam=self.lam, subject_weight=self.subject_weight,
-                           style_weight=self.style_weight, density=self.density)
+    def config(self, family: str) -> MergeConfig:
+        return MergeConfig.for_family(family, method=self.method, steps=self.steps, lam=self.lam,
+                                      subject_weight=self.subject_weight, style_weight=self.style_weight,
+                                      density=self.density)
 
 
 @dataclass(frozen=True)
@@ -287,7 +288,8 @@ class Studio:
                            rank=form.rank, learning_rate=form.learning_rate, steps=form.steps,
                            resolution=form.resolution, prior_preservation=form.prior and kind == "subject",
                            quantize_base=form.quantize, sample_every=form.sample_every,
-                           checkpoint_every=max(10, form.steps // 4))
+                           checkpoint_every=max(10, form.steps // 4),
+                           gradient_checkpointing=self.defaults.gradient_checkpointing)
 
     def submit_training(self, session: str, form: TrainForm) -> list[Job]:
         """Queue training of the subject, the style or both (one after the other); returns at once."""
@@ -327,11 +329,16 @@ class Studio:
             estimates.append(self._within_budget(full * (cfg.steps - done) / cfg.steps, f"{cfg.kind} training",
                                                  "lower the steps, the resolution or the batch"))
         self._check_disk(paths)
-        return [self.registry.submit(session, f"train-{cfg.kind}",
-                                     functools.partial(self._train_job, cfg, int8, resume, paths),
-                                     label=f"{'resume' if resume else 'train'} {cfg.kind}", estimate_s=estimate,
-                                     budget_s=self.budget_s, meta={"int8": int8, "kind": cfg.kind})
-                for cfg, estimate in zip(cfgs, estimates)]
+        # One after the other, each waiting for the one before: a session's jobs form a chain, so each of them
+        # waits for at most one other session's turn (the fair order serves the least recently served session).
+        jobs: list[Job] = []
+        for cfg, estimate in zip(cfgs, estimates):
+            jobs.append(self.registry.submit(session, f"train-{cfg.kind}",
+                                             functools.partial(self._train_job, cfg, int8, resume, paths),
+                                             label=f"{'resume' if resume else 'train'} {cfg.kind}",
+                                             after=[jobs[-1].id] if jobs else (), estimate_s=estimate,
+                                             budget_s=self.budget_s, meta={"int8": int8, "kind": cfg.kind}))
+        return jobs
 
     def _train_job(self, cfg: TrainConfig, int8: bool, resume: bool, paths: SessionPaths, ctx: JobContext):
         """The job body: prepare the stored images, run the core's trainer, optionally save an INT8 copy."""
@@ -365,7 +372,7 @@ class Studio:
     # --------------------------------------------------------------------------------------------- merging
     def submit_merge(self, session: str, form: MergeForm, after: Sequence[str] = ()) -> Job:
         """Queue a merge of the session's subject and style adapters; returns at once."""
-        cfg = form.config()
+        cfg = form.config(self.base.family)
         paths = self.paths(session)
         if not after:
             for kind in ("subject", "style"):

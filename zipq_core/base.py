@@ -63,6 +63,32 @@ class BaseModel:
     def describe(self) -> str:
         return f"{self.spec} ({self.arch}, {self.device.type}, {str(self.dtype).removeprefix('torch.')})"
 
+    def reload_unet(self) -> None:
+        """Load the UNet again from where it came from (after QDoRA quantized it in place for a training)."""
+        from diffusers import UNet2DConditionModel
+
+        free_device_memory()
+        path = MINI_DIR if self.is_mini else Path(self.spec).expanduser()
+        if path.is_dir() or "/" in self.spec and not path.suffix:
+            source = str(path) if path.is_dir() else self.spec
+            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=self.dtype,
+                                                        local_files_only=True)
+        else:  # a single-file checkpoint: its pipeline is rebuilt on the host, and only the UNet kept
+            unet = _load_pipeline(self.spec, self.dtype).unet
+        self.pipe.unet = unet.to(self.device).requires_grad_(False).eval()
+
+    def text_encoders_on_device(self, on: bool) -> None:
+        """Move the text encoders to the device (to encode prompts) or to the host (while a stage that has
+        encoded its prompts trains or merges: on SDXL they hold 1.6 GB). A no-op on the CPU."""
+        if self.device.type == "cpu":
+            return
+        target = self.device if on else torch.device("cpu")
+        for encoder in (self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)):
+            if encoder is not None and encoder.device != target:
+                encoder.to(target)
+        if not on:
+            free_device_memory()
+
 
 def pick_device(device: str | None = None) -> torch.device:
     """CUDA when present, else CPU; an explicit choice wins (and fails clearly if absent)."""
@@ -73,8 +99,17 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes in bf16 natively (Ampere, compute capability 8.0, and later).
+
+    `torch.cuda.is_bf16_supported()` answers True on a T4 (7.5), where bf16 is emulated without tensor cores;
+    there fp16 (with fp32 adapter weights and a gradient scaler while training) is the fast choice.
+    """
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
-    """fp32 on CPU (bf16 was slower there without AMX, DESIGN §9); bf16/fp16 on CUDA."""
+    """fp32 on CPU (bf16 was slower there without AMX, DESIGN §9); on CUDA bf16 from Ampere on, else fp16."""
     names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
              "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
     if dtype:
@@ -82,7 +117,7 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
             raise ZipqError(f"dtype {dtype!r} is unknown: use fp32, fp16 or bf16.")
         return names[dtype]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     return torch.float32
 
 

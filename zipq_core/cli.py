@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     family = "the base family's (table below)"
     add_config_flags(t, config.TrainConfig, note="unset flags: the defaults shown",
                      decided_elsewhere={"learning_rate": family, "rank": family, "target_modules": family,
-                                        "steps": family, "batch_size": family, "resolution": "the base model's size"})
+                                        "steps": family, "batch_size": family, "gradient_checkpointing": family,
+                                        "resolution": "the base model's size"})
 
     g = sub.add_parser("generate", help="generate images with adapters at chosen strengths")
     _add_base_args(g)
@@ -116,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--subject", required=True, help="subject adapter folder or .safetensors")
     m.add_argument("--style", required=True, help="style adapter folder or .safetensors")
     m.add_argument("--out", required=True)
-    add_config_flags(m, config.MergeConfig)
+    add_config_flags(m, config.MergeConfig, decided_elsewhere={"batch_size": "the base family's",
+                                                          "gradient_checkpointing": "the base family's"})
 
     x = sub.add_parser("export", help="write an adapter for other tools: kohya/A1111/ComfyUI, or INT8")
     _add_base_args(x)
@@ -230,7 +232,7 @@ def cmd_merge(args: argparse.Namespace) -> dict:
     from .merge import merge_adapters
 
     base = load_base(args.base, args.device, args.dtype)
-    cfg = config.MergeConfig(**config_values(config.MergeConfig, args))
+    cfg = config.MergeConfig.for_family(base.family, **config_values(config.MergeConfig, args))
     bar = _Bar(cfg.steps if cfg.learned else 1, f"merge {cfg.method}")
     last = None
     try:

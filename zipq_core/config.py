@@ -131,17 +131,23 @@ class FamilyDefaults:
     targets: str  # a TARGET_PRESETS name
     steps: int
     batch_size: int
+    gradient_checkpointing: bool  # recompute activations in backward: ~25 % slower, a fraction of the memory
+    merge_batch: int  # latents per concept per learned-merge step
     candidates: int  # candidates per image when generating from a merge (each costs a full generation)
 
 
 # mini: the recipe its benchmarks measure (bench/personalization.py, bench/merge_quality.py). Real bases: the usual
-# DreamBooth-LoRA recipe for those models (attention projections, lr 1e-4; 3e-3 would be ~30× too much), batch 1,
-# one candidate per image (on SDXL a candidate is a whole 1024 px generation).
+# DreamBooth-LoRA recipe for those models (attention projections, lr 1e-4; 3e-3 would be ~30× too much), batch 1
+# with gradient checkpointing (what brings SDXL at 1024 px under 12 GB: bench/real_scale.py), one latent per
+# concept per merge step, one candidate per image (on SDXL a candidate is a whole 1024 px generation).
+_REAL = dict(learning_rate=1e-4, rank=16, targets="attention", steps=500, batch_size=1, gradient_checkpointing=True,
+             merge_batch=1, candidates=1)
 FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {
-    "mini": FamilyDefaults(learning_rate=3e-3, rank=8, targets="full", steps=300, batch_size=2, candidates=8),
-    "sd1": FamilyDefaults(learning_rate=1e-4, rank=16, targets="attention", steps=500, batch_size=1, candidates=1),
-    "sd2": FamilyDefaults(learning_rate=1e-4, rank=16, targets="attention", steps=500, batch_size=1, candidates=1),
-    "sdxl": FamilyDefaults(learning_rate=1e-4, rank=16, targets="attention", steps=500, batch_size=1, candidates=1),
+    "mini": FamilyDefaults(learning_rate=3e-3, rank=8, targets="full", steps=300, batch_size=2,
+                           gradient_checkpointing=False, merge_batch=2, candidates=8),
+    "sd1": FamilyDefaults(**_REAL),
+    "sd2": FamilyDefaults(**_REAL),
+    "sdxl": FamilyDefaults(**_REAL),
 }
 
 
@@ -152,9 +158,11 @@ def family_defaults(family: str) -> FamilyDefaults:
 
 def family_table() -> str:
     """The family defaults as a plain-text table (the CLI's --help epilog, the Train tab's note)."""
-    rows = [f"{'family':<6} {'lr':>7} {'rank':>4} {'targets':<10} {'steps':>5} {'batch':>5} {'candidates':>10}"]
+    rows = [f"{'family':<6} {'lr':>7} {'rank':>4} {'targets':<10} {'steps':>5} {'batch':>5} {'checkpointing':>13} "
+            f"{'merge batch':>11} {'candidates':>10}"]
     rows += [f"{name:<6} {d.learning_rate:>7g} {d.rank:>4} {d.targets:<10} {d.steps:>5} {d.batch_size:>5} "
-             f"{d.candidates:>10}" for name, d in FAMILY_DEFAULTS.items()]
+             f"{'on' if d.gradient_checkpointing else 'off':>13} {d.merge_batch:>11} {d.candidates:>10}"
+             for name, d in FAMILY_DEFAULTS.items()]
     return "\n".join(rows)
 
 
@@ -228,6 +236,13 @@ class TrainConfig:
     quantize_base: QuantizeBase = field(default="none", metadata=_help("QDoRA: train on an 8-bit or 4-bit base."))
     sample_every: int = field(default=0, metadata=_help("Render a preview every N steps (0: never)."))
     checkpoint_every: int = field(default=0, metadata=_help("Save a resumable checkpoint every N steps (0: never)."))
+    gradient_checkpointing: bool = field(default=False, metadata=_help(
+        "Recompute the UNet's activations during the backward pass: about a quarter slower, a fraction of the "
+        "memory (what fits SDXL at 1024 px in 12 GB)."))
+    gradient_accumulation: int = field(default=1, metadata=_help(
+        "Micro-batches per optimizer step: an effective batch of batch × this at the memory of one batch."))
+    optimizer: Literal["adamw", "adamw8bit"] = field(default="adamw", metadata=_help(
+        "AdamW, or bitsandbytes' 8-bit AdamW (its two moments in 8 bits: 6 bytes less per trainable weight)."))
 
     def __post_init__(self) -> None:
         _check(self.kind in ("subject", "style"), f"kind must be 'subject' or 'style', not {self.kind!r}.")
@@ -258,6 +273,10 @@ class TrainConfig:
         _check(self.quantize_base in ("none", "int8", "nf4"),
                f"quantize_base must be 'none', 'int8' or 'nf4', not {self.quantize_base!r}.")
         _check(self.sample_every >= 0 and self.checkpoint_every >= 0, "sample/checkpoint intervals must be ≥ 0.")
+        _check(_is_int(self.gradient_accumulation) and 1 <= self.gradient_accumulation <= 64,
+               f"gradient accumulation must be between 1 and 64, not {self.gradient_accumulation}.")
+        _check(self.optimizer in ("adamw", "adamw8bit"),
+               f"optimizer must be 'adamw' or 'adamw8bit', not {self.optimizer!r}.")
         if self.prior_preservation:
             _check(bool(self.class_noun),
                    "Prior preservation needs a class noun (e.g. 'dog') to generate class images.")
@@ -267,7 +286,7 @@ class TrainConfig:
         """The family's defaults (FAMILY_DEFAULTS), then `overrides` (None values are ignored)."""
         d = family_defaults(family)
         base = {"learning_rate": d.learning_rate, "rank": d.rank, "target_modules": TARGET_PRESETS[d.targets],
-                "steps": d.steps, "batch_size": d.batch_size}
+                "steps": d.steps, "batch_size": d.batch_size, "gradient_checkpointing": d.gradient_checkpointing}
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     @property
@@ -337,6 +356,8 @@ class MergeConfig:
     # the lowest subject and style fidelity in each of three comparisons on mini (4 held-out pairs each).
     similarity: Literal["product", "cosine"] = field(default="cosine", metadata=_help(
         "Merger-similarity term: |cos(m_c, m_s)| (cosine, ZipLoRA's paper) or mean|m_c⊙m_s| (product)."))
+    gradient_checkpointing: bool = field(default=False, metadata=_help(
+        "Recompute the UNet's activations in backward (default: the base family's; on for real bases)."))
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"merge method {self.method!r} is unknown: use one of {', '.join(METHODS)}.")
@@ -360,6 +381,13 @@ class MergeConfig:
     @property
     def learned(self) -> bool:
         return self.method in ("zipq", "zip")
+
+    @classmethod
+    def for_family(cls, family: str, **overrides: Any) -> MergeConfig:
+        """The family's merge batch and checkpointing (FAMILY_DEFAULTS), then `overrides` (None values are ignored)."""
+        defaults = family_defaults(family)
+        base = {"batch_size": defaults.merge_batch, "gradient_checkpointing": defaults.gradient_checkpointing}
+        return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
 
 # ---------------------------------------------------------------------------------------------- generate

@@ -50,6 +50,7 @@ def encode_text(base: BaseModel, prompts: list[str], resolution: int) -> Conditi
         `Conditioning` with N rows, on the base's device, in its dtype.
     """
     pipe = base.pipe
+    base.text_encoders_on_device(True)
     if base.arch == "sdxl":
         hidden, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=base.device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
@@ -71,14 +72,28 @@ def images_to_tensor(images: list[Image.Image], flip: bool = False) -> torch.Ten
 @torch.no_grad()
 def encode_images(base: BaseModel, images: list[Image.Image], flip: bool = False,
                   batch_size: int = 8) -> torch.Tensor:
-    """VAE posterior parameters for images: [N, 2·C, h, w] (mean and log-variance), sampled per step later."""
+    """VAE posterior parameters for images: [N, 2·C, h, w] (mean and log-variance), sampled per step later.
+
+    A VAE whose config asks for it (`force_upcast`: SDXL's overflows in fp16) encodes in fp32, as diffusers'
+    pipelines decode.
+    """
     vae = base.pipe.vae
-    x = images_to_tensor(images, flip)
-    out = []
-    for chunk in x.split(batch_size):
-        dist = vae.encode(chunk.to(base.device, vae.dtype)).latent_dist
-        out.append(torch.cat([dist.mean, dist.logvar], dim=1).float())
-    return torch.cat(out)
+    upcast = vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        x = images_to_tensor(images, flip)
+        # At most one megapixel per chunk: the encoder's first activations are 128 channels at full size (fp32 at
+        # 1024 px: 512 MB each), so SDXL encodes one image at a time.
+        per_chunk = max(1, min(batch_size, 2**20 // (x.shape[-1] * x.shape[-2])))
+        out = []
+        for chunk in x.split(per_chunk):
+            dist = vae.encode(chunk.to(base.device, vae.dtype)).latent_dist
+            out.append(torch.cat([dist.mean, dist.logvar], dim=1).float())
+        return torch.cat(out)
+    finally:
+        if upcast:
+            vae.to(torch.float16)
 
 
 def sample_latents(moments: torch.Tensor, base: BaseModel, generator: torch.Generator) -> torch.Tensor:

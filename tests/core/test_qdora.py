@@ -7,6 +7,7 @@ them fails, the library was fixed and the matching workaround can be deleted.
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from zipq_core import GenerateConfig, TrainConfig, generate, load_adapter, train
 from zipq_core.adapters import save_adapter
 from zipq_core.adapters.int8 import dequantize_int8, int8_error_bound, quantize_int8
 from zipq_core.data import DataConfig, prepare_images
-from zipq_core.train.qdora import build_quantized_unet, patched_peft_dequantize, weight_bytes
+from zipq_core.train.qdora import patched_peft_dequantize, quantize_unet, weight_bytes
 
 
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
@@ -34,10 +35,36 @@ def test_qdora_trains_and_loads_on_float_base(mini, subject_dir, tmp_path, mode,
     assert mini.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.__class__ is torch.nn.Linear
 
 
+def test_qdora_quantizes_in_place_and_keeps_no_float_copy(mini, subject_dir, tmp_path):
+    """While QDoRA trains, the pipeline's UNet is the quantized one: every Linear under an adapter wraps a bnb layer
+    and no float Linear other than the adapter's own factors is left in it; afterwards a float UNet is back,
+    equal to the one on disk."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+
+    before = {k: v.clone() for k, v in mini.unet.state_dict().items()}
+    cfg = TrainConfig(class_noun="thing", steps=2, quantize_base="nf4", learning_rate=5e-2)
+    images = prepare_images(subject_dir, cfg.instance_prompt, DataConfig(), token=cfg.token)
+    seen = {}
+    for record in train_adapter(mini, images, cfg, tmp_path / "q"):
+        if record.step == 1:
+            unet = mini.pipe.unet
+            plain = [n for n, m in unet.named_modules() if type(m) is torch.nn.Linear and ".lora_" not in n]
+            wrapped = [m.base_layer for m in unet.modules()  # convolutions stay float by design
+                       if isinstance(m, LoraLayer) and not isinstance(m.base_layer, torch.nn.Conv2d)]
+            seen = {"plain": plain, "bnb": all(isinstance(b, bnb.nn.Linear4bit) for b in wrapped),
+                    "wrapped": len(wrapped), "bytes": weight_bytes(unet) - sum(
+                        p.numel() * p.element_size() for p in unet.parameters() if p.requires_grad)}
+    assert seen["plain"] == [] and seen["bnb"] and seen["wrapped"] > 0
+    assert seen["bytes"] < 0.7 * sum(v.numel() * v.element_size() for v in before.values())
+    after = mini.unet.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_quantized_base_is_smaller(mini):
     full = weight_bytes(mini.unet)
-    assert weight_bytes(build_quantized_unet(mini.unet, "int8", mini.device)) < 0.8 * full
-    assert weight_bytes(build_quantized_unet(mini.unet, "nf4", mini.device)) < 0.7 * full
+    assert weight_bytes(quantize_unet(copy.deepcopy(mini.unet), "int8", mini.device)) < 0.8 * full
+    assert weight_bytes(quantize_unet(copy.deepcopy(mini.unet), "nf4", mini.device)) < 0.7 * full
 
 
 def _dora_steps(unet, steps: int, patch: bool) -> None:
@@ -62,8 +89,8 @@ def _dora_steps(unet, steps: int, patch: bool) -> None:
 def test_upstream_int8_dora_on_cpu_still_loses_scales(mini):
     """Workaround 2 is needed while peft's dequantize drops Int8Params.SCB on CPU at the 2nd step."""
     with pytest.raises(AttributeError):
-        _dora_steps(build_quantized_unet(mini.unet, "int8", mini.device), 2, patch=False)
-    _dora_steps(build_quantized_unet(mini.unet, "int8", mini.device), 2, patch=True)
+        _dora_steps(quantize_unet(copy.deepcopy(mini.unet), "int8", mini.device), 2, patch=False)
+    _dora_steps(quantize_unet(copy.deepcopy(mini.unet), "int8", mini.device), 2, patch=True)
 
 
 def test_upstream_peft_needs_loaded_in_flags(mini):
@@ -71,12 +98,12 @@ def test_upstream_peft_needs_loaded_in_flags(mini):
     from peft import LoraConfig
     from peft.tuners.lora.bnb import Linear8bitLt
 
-    unet = build_quantized_unet(mini.unet, "int8", mini.device)
+    unet = quantize_unet(copy.deepcopy(mini.unet), "int8", mini.device)
     unet.is_loaded_in_8bit = False
     unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
     layer = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
     assert not isinstance(layer, Linear8bitLt)
-    flagged = build_quantized_unet(mini.unet, "int8", mini.device)
+    flagged = quantize_unet(copy.deepcopy(mini.unet), "int8", mini.device)
     flagged.add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
     assert isinstance(flagged.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q, Linear8bitLt)
 

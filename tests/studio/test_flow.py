@@ -80,7 +80,8 @@ def test_the_whole_flow_is_a_chain_of_jobs_with_estimates(studio):
     loaded, jobs, prompt = studio.run_flow(session, "moon", "grid", 3, "direct", 2, "", 1)
     assert loaded is not None and prompt == "a photo of sks moon in zkz style"
     assert [j.kind for j in jobs] == ["train-subject", "train-style", "merge", "generate"]
-    assert jobs[2].after == (jobs[0].id, jobs[1].id) and jobs[3].after == (jobs[2].id,)
+    assert jobs[1].after == (jobs[0].id,) and jobs[2].after == (jobs[0].id, jobs[1].id)
+    assert jobs[3].after == (jobs[2].id,)
     assert all(0 < j.estimate_s < math.inf and j.budget_s == 120.0 for j in jobs)
     assert studio.paths(session).read_settings().flow_jobs == tuple(j.id for j in jobs)
     with pytest.raises(ZipqError, match="already has jobs"):

@@ -56,14 +56,16 @@ class Phases:
     """Several settings of adapter strengths over one set of layers; `select(i)` fuses setting i in place.
 
     Only the active setting's weights exist at a time (fused when selected), so a two-phase generation
-    needs no more memory than a one-phase one; selecting the active phase again costs nothing.
+    needs no more memory than a one-phase one; selecting the active phase again costs nothing. On a GPU the
+    original weights wait in host memory, so the device holds one copy of each adapted layer, not two (on the
+    CPU, host and device are the same memory).
     """
 
     def __init__(self, pipe, phases: Sequence[Sequence[tuple[Adapter, float]]]):
         self.groups = [_group_by_module(p) for p in phases]
         self.keys = sorted(set().union(*self.groups))
         self.modules = {k: resolve_module(pipe, k) for k in self.keys}
-        self.originals = {k: m.weight.data for k, m in self.modules.items()}
+        self.originals = {k: _to_host(m.weight.data) for k, m in self.modules.items()}
         self.active: int | None = None
 
     def select(self, index: int) -> None:
@@ -71,16 +73,20 @@ class Phases:
             return
         group = self.groups[index]
         for key in self.keys:
-            weight = self.originals[key]
-            if key in group:
-                weight = _checked_fuse(key, weight, group[key])
-            self.modules[key].weight.data = weight
+            module = self.modules[key]
+            weight = self.originals[key].to(module.weight.device)
+            module.weight.data = _checked_fuse(key, weight, group[key]) if key in group else weight
         self.active = index
 
     def restore(self) -> None:
         for key, tensor in self.originals.items():
-            self.modules[key].weight.data = tensor
+            self.modules[key].weight.data = tensor.to(self.modules[key].weight.device)
         self.active = None
+
+
+def _to_host(weight: torch.Tensor) -> torch.Tensor:
+    """The weight itself on the CPU; a host copy of a device weight (the device's copy is freed once replaced)."""
+    return weight if weight.device.type == "cpu" else weight.to("cpu")
 
 
 def _checked_fuse(key: str, w0: torch.Tensor, parts: list[tuple[LoraLayer, float]]) -> torch.Tensor:

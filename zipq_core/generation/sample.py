@@ -82,6 +82,7 @@ def generate(base: BaseModel, config: GenerateConfig, adapters: Sequence[Adapter
     rounds, total = generation_units(config, adapters)
     report = (lambda done: None) if on_step is None else (lambda done: on_step(done, total))
     with base.lock, out_of_memory("generate fewer images at once, a smaller size or fewer candidates"):
+        base.text_encoders_on_device(True)
         images: list[Image.Image] = []
         for k in range(rounds):
             seeded = replace(config, seed=candidate_seed(config.seed, k))
@@ -108,6 +109,7 @@ def _render(base: BaseModel, config: GenerateConfig, adapters: Sequence[AdapterS
     phases = [early, late] if any(spec[-1] != spec[1] for spec in adapters) else [early]
     if cancel is not None and cancel.is_set():
         raise Cancelled("Generation cancelled.")
+    _decode_in_pieces(base, config)
     with base.lock, applied_phases(base.pipe, phases) as state, _handoff(base, state, config.handoff), \
             torch.inference_mode():
         # A CPU generator gives the same images on every device for a seed.
@@ -117,6 +119,22 @@ def _render(base: BaseModel, config: GenerateConfig, adapters: Sequence[AdapterS
                            width=config.width, height=config.height, num_images_per_prompt=config.num_images,
                            generator=generator, callback_on_step_end=callback)
     return result.images
+
+
+def _decode_in_pieces(base: BaseModel, config: GenerateConfig) -> None:
+    """VAE slicing (one image at a time) for several images, and tiling above the VAE's own size: a 1024 px decode
+    of four images at once would need several GB more than the denoising itself. Same images either way for one
+    image at the VAE's size; tiles blend at their seams."""
+    vae = base.pipe.vae
+    if config.num_images > 1:
+        vae.enable_slicing()
+    else:
+        vae.disable_slicing()
+    side = int(vae.config.get("sample_size") or 512)
+    if config.width * config.height > side * side:
+        vae.enable_tiling()
+    else:
+        vae.disable_tiling()
 
 
 @contextmanager

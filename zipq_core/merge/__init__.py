@@ -6,12 +6,7 @@ adapter, such that fusing both at strength 1 (adapters.fuse_weight) is the merge
   DoRA magnitude of the fused weight, a standard adapter that diffusers' `load_lora_weights` reads;
 - the sliders: the parts at strengths (w_c, w_s); (0, 0) is the base model exactly.
 
-ZipLoRA (arXiv 2311.13600) learns per-column mergers m_c, m_s ∈ R^in:
-    W = W0 + ΔW_c·diag(m_c) + ΔW_s·diag(m_s),   ΔW·diag(m)·x = B·A·(m ⊙ x),
-so the merge stays low rank: A_c·diag(m_c) is the merged part's lora_A. ZipQDoRA (this project) applies
-the same mergers to the two DoRA directions and learns per-row magnitude coefficients a_c, a_s ∈ R^out:
-    m = ‖W0‖ + a_c ⊙ (m_c − ‖W0‖) + a_s ⊙ (m_s − ‖W0‖),   W = m ⊙ V / ‖V‖,
-both trained with ZipLoRA's loss against the single-adapter UNets (same noise, same timesteps).
+The methods: `parts` (exact part algebra; direct, B-LoRA), `dense` (TIES, DARE), `learned` (ZipLoRA, ZipQDoRA).
 """
 
 from __future__ import annotations

@@ -1,10 +1,4 @@
-"""The learned merges: ZipLoRA and ZipQDoRA.
-
-Every method produces two *parts*, a subject part and a style part, each an ordinary LoRA/DoRA
-adapter, such that fusing both at strength 1 (adapters.fuse_weight) is the merged model. That gives:
-- the merged file: the parts concatenated along the rank (B = [B_c | B_s], A = [A_c ; A_s]) with the
-  DoRA magnitude of the fused weight, a standard adapter that diffusers' `load_lora_weights` reads;
-- the sliders: the parts at strengths (w_c, w_s); (0, 0) is the base model exactly.
+"""The learned merges, ZipLoRA and ZipQDoRA: two parts whose column mergers (and magnitudes) are trained.
 
 ZipLoRA (arXiv 2311.13600) learns per-column mergers m_c, m_s ∈ R^in:
     W = W0 + ΔW_c·diag(m_c) + ΔW_s·diag(m_s),   ΔW·diag(m)·x = B·A·(m ⊙ x),
@@ -19,14 +13,15 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..adapters import Adapter, fuse_weight, load_training_views, resolve_module
+from ..adapters import Adapter, LoraLayer, load_training_views
+from ..adapters.live import LiveLayer, live_layers
 from ..base import BaseModel
 from ..config import MergeConfig
 from ..encode import encode_images, encode_text, sample_latents, unet_forward
@@ -47,17 +42,17 @@ class _Mergers:
                [t for ts in self.row.values() for t in ts if t is not None]
 
 
-def _init_mergers(subject: Adapter, style: Adapter, learn_magnitude: bool) -> _Mergers:
+def _init_mergers(subject: Adapter, style: Adapter, learn_magnitude: bool, device: torch.device) -> _Mergers:
     column, row = {}, {}
-    for key in set(subject.layers) & set(style.layers):  # only shared modules compete
+    ones = lambda n: torch.ones(n, device=device, requires_grad=True)
+    for key in sorted(set(subject.layers) & set(style.layers)):  # only shared modules compete
         layers = (subject.layers[key], style.layers[key])
-        column[key] = [torch.ones(layers[0].down.shape[1], requires_grad=True) for _ in layers]
-        row[key] = [torch.ones(x.up.shape[0], requires_grad=True) if learn_magnitude and x.magnitude is not None
-                    else None for x in layers]
+        column[key] = [ones(layers[0].down.shape[1]) for _ in layers]
+        row[key] = [ones(x.up.shape[0]) if learn_magnitude and x.magnitude is not None else None for x in layers]
     return _Mergers(column, row)
 
 
-def _learned_parts(pipe, subject: Adapter, style: Adapter, mergers: _Mergers,
+def _learned_parts(subject: Adapter, style: Adapter, mergers: _Mergers,
                    norms: dict[str, torch.Tensor]) -> tuple[Adapter, Adapter]:
     """The two parts for the current merger values (differentiable in the mergers)."""
     out: tuple[dict, dict] = ({}, {})
@@ -69,15 +64,17 @@ def _learned_parts(pipe, subject: Adapter, style: Adapter, mergers: _Mergers,
     return (Adapter(out[0], subject.use_dora, dict(subject.info)), Adapter(out[1], style.use_dora, dict(style.info)))
 
 
-def _fused_params(pipe, parts: Sequence[Adapter]) -> dict[str, torch.Tensor]:
-    """{unet parameter name: fused weight} for functional_call, differentiable through the parts."""
-    keys = sorted(set().union(*(p.layers for p in parts)))
-    out = {}
-    for key in keys:
-        module = resolve_module(pipe, key)
-        layers = [(p.layers[key], 1.0) for p in parts if key in p.layers]
-        out[key.partition(".")[2] + ".weight"] = fuse_weight(module.weight.data, layers).to(module.weight.dtype)
-    return out
+def _on(adapter: Adapter, device: torch.device) -> Adapter:
+    """The adapter's factors in fp32 on `device` (the mergers train there, beside the UNet)."""
+    move = lambda t: None if t is None else t.detach().float().to(device)
+    layers = {k: LoraLayer(move(x.down), move(x.up), x.scale, move(x.magnitude)) for k, x in adapter.layers.items()}
+    return Adapter(layers, adapter.use_dora, dict(adapter.info))
+
+
+def _show(live: dict[str, LiveLayer], *parts: Adapter) -> None:
+    """Make each live layer add exactly the given adapters' layers (none: the base layer)."""
+    for key, layer in live.items():
+        layer.parts = [p.layers[key] for p in parts if key in p.layers]
 
 
 def _similarity(mergers: _Mergers, kind: str) -> torch.Tensor:
@@ -113,75 +110,76 @@ def _concept_data(base: BaseModel, adapter_dir: Path | None, adapter: Adapter, r
 
 def learned_merge(base: BaseModel, subject: Adapter, style: Adapter, dirs: tuple[Path | None, Path | None],
                    cfg: MergeConfig, cancel: threading.Event | None) -> Iterator[MergeStep | tuple[Adapter, Adapter]]:
+    """Train the mergers, yielding a `MergeStep` per step and finally the two learned parts.
+
+    The UNet runs with `LiveLayer`s in place of the adapted modules: teachers (one adapter on) and the merged model
+    add their parts to the activations, so no layer's weight is ever copied or densified. The row norms of DoRA stay
+    in the graph (peft detaches them to avoid a dense [out, in] saved tensor; the Gram form costs [out, r]), so the
+    mergers get the same gradients as through the fused weights.
+    """
     from diffusers import DDPMScheduler
 
-    pipe, unet = base.pipe, base.unet
+    pipe, unet, device = base.pipe, base.unet, base.device
     resolution = base.default_size
-    norms = base_norms(pipe, set(subject.layers) | set(style.layers))
-    mergers = _init_mergers(subject, style, learn_magnitude=cfg.method == "zipq")
+    norms = {k: v.to(device) for k, v in base_norms(pipe, set(subject.layers) | set(style.layers)).items()}
+    subject, style = _on(subject, device), _on(style, device)
+    mergers = _init_mergers(subject, style, learn_magnitude=cfg.method == "zipq", device=device)
     if not mergers.column:
         raise ZipqError("The two adapters share no layer: nothing to merge (were they trained on other targets?).")
     optimizer = torch.optim.Adam(mergers.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    # fp16 activations underflow in backward without loss scaling (the mergers themselves are fp32).
+    scaler = torch.amp.GradScaler(device.type, enabled=base.dtype == torch.float16)
     data_c = _concept_data(base, dirs[0], subject, resolution)
     data_s = _concept_data(base, dirs[1], style, resolution)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
-    # Targets come from the UNet with exactly one adapter on (constant fused weights).
-    with torch.no_grad():
-        only_c = _fused_params(pipe, [subject])
-        only_s = _fused_params(pipe, [style])
+    teacher_c, teacher_s = _learned_parts(subject, style, _Mergers({}, {}), norms)  # each alone, at strength 1
     started = time.time()
-    for step in range(1, cfg.steps + 1):
-        if cancel is not None and cancel.is_set():
-            yield MergeStep(step - 1, cfg.steps, cancelled=True, elapsed=time.time() - started)
-            return
-        batch = []
-        for moments, cond in (data_c, data_s):
-            index = torch.randint(0, moments.shape[0], (cfg.batch_size,), generator=generator)
-            batch.append((sample_latents(moments[index], base, generator), cond.select(index.to(base.device))))
-        noise = torch.randn(batch[0][0].shape, generator=generator).to(base.device)  # same ε for both
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=generator)
-        t = t.to(base.device)  # and the same timesteps
-        noisy = [scheduler.add_noise(z, noise, t) for z, _ in batch]
-        with torch.no_grad():
-            target_c = _call(unet, only_c, noisy[0], t, batch[0][1])
-            target_s = _call(unet, only_s, noisy[1], t, batch[1][1])
-        merged = _fused_params(pipe, _learned_parts(pipe, subject, style, mergers, norms))
-        pred_c = _call(unet, merged, noisy[0], t, batch[0][1])
-        pred_s = _call(unet, merged, noisy[1], t, batch[1][1])
-        loss_c, loss_s = F.mse_loss(pred_c, target_c), F.mse_loss(pred_s, target_s)
-        similarity = _similarity(mergers, cfg.similarity)
-        loss = loss_c + loss_s + cfg.lam * similarity
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        elapsed = time.time() - started
-        mean_sim = float(similarity.detach()) / max(1, len(mergers.column))
-        total, term_c, term_s = (float(x.detach()) for x in (loss, loss_c, loss_s))
-        if not math.isfinite(total):
-            raise ZipqError(f"The merge diverged at step {step} (loss {total}): lower the learning rate.")
-        yield MergeStep(step, cfg.steps, total, elapsed, eta(elapsed, step, cfg.steps), loss_subject=term_c,
-                        loss_style=term_s, similarity=mean_sim)
-        if mean_sim < cfg.early_stop:
-            break
+    checkpointing = cfg.gradient_checkpointing and hasattr(unet, "enable_gradient_checkpointing")
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    try:
+        with live_layers(pipe, set(subject.layers) | set(style.layers)) as live:
+            for step in range(1, cfg.steps + 1):
+                if cancel is not None and cancel.is_set():
+                    yield MergeStep(step - 1, cfg.steps, cancelled=True, elapsed=time.time() - started)
+                    return
+                batch = []
+                for moments, cond in (data_c, data_s):
+                    index = torch.randint(0, moments.shape[0], (cfg.batch_size,), generator=generator)
+                    batch.append((sample_latents(moments[index], base, generator), cond.select(index.to(device))))
+                noise = torch.randn(batch[0][0].shape, generator=generator).to(device)  # same ε for both
+                t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=generator)
+                t = t.to(device)  # and the same timesteps
+                noisy = [scheduler.add_noise(z, noise, t) for z, _ in batch]
+                with torch.no_grad():
+                    _show(live, teacher_c)
+                    target_c = unet_forward(unet, noisy[0], t, batch[0][1]).float()
+                    _show(live, teacher_s)
+                    target_s = unet_forward(unet, noisy[1], t, batch[1][1]).float()
+                _show(live, *_learned_parts(subject, style, mergers, norms))
+                pred_c = unet_forward(unet, noisy[0], t, batch[0][1]).float()
+                pred_s = unet_forward(unet, noisy[1], t, batch[1][1]).float()
+                loss_c, loss_s = F.mse_loss(pred_c, target_c), F.mse_loss(pred_s, target_s)
+                similarity = _similarity(mergers, cfg.similarity)
+                loss = loss_c + loss_s + cfg.lam * similarity
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                _show(live)  # drop the graph's last references before the next step
+                elapsed = time.time() - started
+                mean_sim = float(similarity.detach()) / max(1, len(mergers.column))
+                total, term_c, term_s = (float(x.detach()) for x in (loss, loss_c, loss_s))
+                if not math.isfinite(total):
+                    raise ZipqError(f"The merge diverged at step {step} (loss {total}): lower the learning rate.")
+                yield MergeStep(step, cfg.steps, total, elapsed, eta(elapsed, step, cfg.steps), loss_subject=term_c,
+                                loss_style=term_s, similarity=mean_sim)
+                if mean_sim < cfg.early_stop:
+                    break
+    finally:
+        if checkpointing:
+            unet.disable_gradient_checkpointing()
     with torch.no_grad():
-        yield _learned_parts(pipe, subject, style, mergers, norms)
-
-
-class _Bound(torch.nn.Module):
-    """Wraps the UNet so functional_call can run our conditioned UNet call with substituted weights."""
-
-    def __init__(self, inner: torch.nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x, timesteps, cond):
-        return unet_forward(self.inner, x, timesteps, cond)
-
-
-def _call(unet, params: dict[str, torch.Tensor], noisy, t, cond) -> torch.Tensor:
-    """The UNet with some weights replaced (differentiably) by `params`; the module itself is untouched."""
-    from torch.func import functional_call
-
-    named = {f"inner.{k}": v for k, v in params.items()}
-    return functional_call(_Bound(unet), named, (noisy, t, cond), strict=False).float()
+        parts = _learned_parts(subject, style, mergers, norms)
+    yield tuple(_on(p, torch.device("cpu")) for p in parts)

@@ -18,7 +18,7 @@ from ..errors import ZipqError
 ADAPTER_NAME = "zipq_train"
 CONFIG_NAME = "train_config.json"
 # Settings that may differ on resume: they change how long or how visibly a run goes, not what it learns.
-RESUMABLE_CHANGES = frozenset({"steps", "sample_every", "checkpoint_every"})
+RESUMABLE_CHANGES = frozenset({"steps", "sample_every", "checkpoint_every", "gradient_checkpointing"})
 
 
 def peft_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -28,7 +28,7 @@ def peft_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(out_dir: Path, step: int, unet, optimizer, lr_sched, generator, curve: list[float],
-                    cfg: TrainConfig) -> Path:
+                    cfg: TrainConfig, scaler=None) -> Path:
     from safetensors.torch import save_file
 
     ckpt = Path(out_dir) / CHECKPOINT_DIR / f"step-{step:06d}"
@@ -37,8 +37,11 @@ def save_checkpoint(out_dir: Path, step: int, unet, optimizer, lr_sched, generat
               str(ckpt / "adapter.safetensors"))
     (ckpt / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=1))
     # trainer_state.pt last: its presence marks the checkpoint complete (latest_checkpoint looks for it).
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(),
-                "generator": generator.get_state(), "curve": curve}, ckpt / "trainer_state.pt")
+    state = {"step": step, "optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(),
+             "generator": generator.get_state(), "curve": curve}
+    if scaler is not None and scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
+    torch.save(state, ckpt / "trainer_state.pt")
     return ckpt
 
 
@@ -79,7 +82,7 @@ def find_checkpoint(out_dir: Path, resume: bool | str | Path, cfg: TrainConfig) 
     return ckpt
 
 
-def load_checkpoint(ckpt: Path, unet, optimizer, lr_sched, generator) -> tuple[int, list[float]]:
+def load_checkpoint(ckpt: Path, unet, optimizer, lr_sched, generator, scaler=None) -> tuple[int, list[float]]:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -91,6 +94,8 @@ def load_checkpoint(ckpt: Path, unet, optimizer, lr_sched, generator) -> tuple[i
     optimizer.load_state_dict(state["optimizer"])
     lr_sched.load_state_dict(state["lr_scheduler"])
     generator.set_state(state["generator"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     return int(state["step"]), list(state["curve"])
 
 

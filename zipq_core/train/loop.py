@@ -13,7 +13,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,9 +151,12 @@ def _lr_lambda(cfg: TrainConfig):
 def _sample(base: BaseModel, cfg: TrainConfig, step: int) -> Image.Image:
     """A preview with the adapter as it is now (the peft layers are live in the UNet)."""
     base.unet.eval()
+    base.text_encoders_on_device(True)
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
-    image = base.pipe(prompt=cfg.instance_prompt, num_inference_steps=20, generator=gen, width=cfg.resolution,
-                      height=cfg.resolution, guidance_scale=5.0).images[0]
+    with torch.no_grad():
+        image = base.pipe(prompt=cfg.instance_prompt, num_inference_steps=20, generator=gen, width=cfg.resolution,
+                          height=cfg.resolution, guidance_scale=5.0).images[0]
+    base.text_encoders_on_device(False)
     base.unet.train()
     return image
 
@@ -168,6 +171,7 @@ class _Run:
     lr_sched: torch.optim.lr_scheduler.LambdaLR
     generator: torch.Generator
     accelerator: object | None
+    scaler: torch.amp.GradScaler  # enabled on an fp16 base: fp16 gradients underflow without loss scaling
     step: int = 0
     curve: list[float] = field(default_factory=list)
 
@@ -180,12 +184,12 @@ class _Run:
 
     def checkpoint(self, out_dir: Path, cfg: TrainConfig) -> Path:
         return save_checkpoint(out_dir, self.step, self.unet, self.optimizer, self.lr_sched, self.generator,
-                               self.curve, cfg)
+                               self.curve, cfg, self.scaler)
 
 
 @contextmanager
 def _borrowed_unet(base: BaseModel, cfg: TrainConfig) -> Iterator[torch.nn.Module]:
-    """The UNet to train on (the base's, or a quantized copy for QDoRA), put back exactly afterwards."""
+    """The UNet to train on, put back as it was afterwards (for QDoRA: quantized in place, then reloaded)."""
     original = base.pipe.unet
     with ExitStack() as stack:
         unet = original
@@ -194,9 +198,13 @@ def _borrowed_unet(base: BaseModel, cfg: TrainConfig) -> Iterator[torch.nn.Modul
 
             unet = stack.enter_context(quantized_unet(base, cfg.quantize_base))
         base.pipe.unet = unet  # previews and encode_prompt see the training UNet
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
         try:
             yield unet
         finally:
+            if cfg.gradient_checkpointing:
+                unet.disable_gradient_checkpointing()
             _remove_adapter(unet)
             base.pipe.unet = original
 
@@ -204,8 +212,10 @@ def _borrowed_unet(base: BaseModel, cfg: TrainConfig) -> Iterator[torch.nn.Modul
 def _start_run(unet: torch.nn.Module, cfg: TrainConfig, out_dir: Path, resume: bool | str | Path) -> _Run:
     """Attach the adapter, build the optimizer, and restore a checkpoint when resuming."""
     params = _inject(unet, cfg)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2)
+    optimizer = _optimizer(params, cfg, _device_of(unet))
     lr_sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    device = _device_of(unet)
+    scaler = torch.amp.GradScaler(device.type, enabled=_compute_dtype(unet) == torch.float16)
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
     accelerator = _accelerator()
     model = unet
@@ -213,23 +223,46 @@ def _start_run(unet: torch.nn.Module, cfg: TrainConfig, out_dir: Path, resume: b
         model = accelerator.prepare_model(unet)
         optimizer = accelerator.prepare_optimizer(optimizer)
         generator.manual_seed(cfg.seed + accelerator.process_index)
-    run = _Run(unet, model, optimizer, lr_sched, generator, accelerator)
+    run = _Run(unet, model, optimizer, lr_sched, generator, accelerator, scaler)
     ckpt = find_checkpoint(out_dir, resume, cfg)
     if ckpt is not None:
-        run.step, run.curve = load_checkpoint(ckpt, unet, optimizer, lr_sched, generator)
+        run.step, run.curve = load_checkpoint(ckpt, unet, optimizer, lr_sched, generator, scaler)
     return run
 
 
-def _optimizer_step(run: _Run, loss: torch.Tensor, cfg: TrainConfig) -> None:
-    run.accelerator.backward(loss) if run.accelerator is not None else loss.backward()
-    run.optimizer.step()
+def _device_of(unet: torch.nn.Module) -> torch.device:
+    return next(unet.parameters()).device
+
+
+def _optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw8bit":
+        if device.type != "cuda":
+            raise ZipqError("8-bit AdamW runs on a CUDA GPU only: choose the optimizer 'adamw' here.")
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=1e-2)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2)
+
+
+def _optimizer_step(run: _Run, micro_loss: Callable[[], torch.Tensor], cfg: TrainConfig) -> None:
+    """One optimizer step over `cfg.gradient_accumulation` micro-batches, with loss scaling on an fp16 base (a
+    step whose gradients overflow is skipped by the scaler, which then lowers its scale)."""
+    total = 0.0
+    for _ in range(cfg.gradient_accumulation):
+        loss = micro_loss() / cfg.gradient_accumulation
+        scaled = run.scaler.scale(loss)
+        run.accelerator.backward(scaled) if run.accelerator is not None else scaled.backward()
+        total += float(loss.detach())
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
     run.lr_sched.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
-    run.curve.append(float(loss.detach()))
-    if not math.isfinite(run.curve[-1]):
-        raise ZipqError(f"The loss became {run.curve[-1]} at step {run.step}: lower the learning rate "
-                        f"(now {cfg.learning_rate}).")
+    run.curve.append(total)
+    if not math.isfinite(total):
+        fp16 = "; on an fp16 base also try bf16 or fp32 (--dtype)" if run.scaler.is_enabled() else ""
+        raise ZipqError(f"The loss became {total} at step {run.step}: lower the learning rate (now "
+                        f"{cfg.learning_rate}){fp16}.")
 
 
 def train_adapter(base: BaseModel, images: ImageSet, cfg: TrainConfig, out_dir: str | Path,
@@ -261,6 +294,7 @@ def train_adapter(base: BaseModel, images: ImageSet, cfg: TrainConfig, out_dir: 
         if cfg.prior_preservation:
             class_views = class_images(base, cfg, out_dir / "class_images")
             prior = _encode_set(base, class_views, [cfg.class_prompt] * len(class_views), cfg)
+        base.text_encoders_on_device(False)  # every prompt is encoded: the UNet gets the device to itself
         scheduler = _noise_scheduler(base)
         with _borrowed_unet(base, cfg) as unet:
             run = _start_run(unet, cfg, out_dir, resume)
@@ -278,7 +312,8 @@ def train_adapter(base: BaseModel, images: ImageSet, cfg: TrainConfig, out_dir: 
                     yield TrainStep(run.step, cfg.steps, run.curve[-1] if run.curve else math.nan, elapsed, 0.0,
                                     lr=run.lr(), checkpoint=saved, cancelled=True, adapter_dir=finish(elapsed))
                     return
-                _optimizer_step(run, _train_step(base, run.model, scheduler, data, prior, cfg, run.generator), cfg)
+                _optimizer_step(run, lambda: _train_step(base, run.model, scheduler, data, prior, cfg, run.generator),
+                                cfg)
                 elapsed = time.time() - loop_start
                 record = TrainStep(run.step, cfg.steps, run.curve[-1], elapsed,
                                    eta(elapsed, run.step - first_step, cfg.steps - first_step), lr=run.lr())

@@ -1,14 +1,14 @@
 """QDoRA: train DoRA (or LoRA) on a frozen UNet whose linear layers are quantized with bitsandbytes.
 
 The same code runs on CUDA and on CPU: the UNet's `nn.Linear` layers are swapped for
-`bnb.nn.Linear8bitLt` (int8, per-row scales) or `bnb.nn.Linear4bit` (NF4) on a copy, which
+`bnb.nn.Linear8bitLt` (int8, per-row scales) or `bnb.nn.Linear4bit` (NF4) in place, each of which
 quantizes itself when moved to its device, and peft attaches its bnb-aware LoRA/DoRA layers to them.
 (diffusers' `BitsAndBytesConfig` would be the loading-time route on CUDA, but it refuses CPU.)
 
 Workarounds for the pinned versions (bitsandbytes 0.50.2, peft 0.21.2), all in this one file, each
 checked by a test in tests/test_qdora.py that says when it can go:
 1. peft only dispatches to its bnb layers when the model says `is_loaded_in_8bit` / `is_loaded_in_4bit`
-   (hand-built bnb layers are otherwise treated as plain Linear): we set the flag on the copy. This is peft's
+   (hand-built bnb layers are otherwise treated as plain Linear): we set the flag on the UNet. This is peft's
    design (it expects models loaded quantized by transformers/diffusers), not a filed bug.
 2. DoRA on an 8-bit layer fails on CPU at the second step: peft's `dequantize_module_weight` ends with
    `module.weight = module.weight.to(device)`, and bnb's `Int8Params.to()` drops the scales (`SCB`).
@@ -23,7 +23,6 @@ tests/test_qdora.py keeps a test that fails if it appears, rather than a workaro
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
@@ -43,8 +42,10 @@ def _require_bnb():
     return bnb
 
 
-def _quantized_linear(linear: torch.nn.Linear, mode: Mode, device: torch.device) -> torch.nn.Module:
-    """A bnb replacement of `linear` holding the same weights, quantized on `device`."""
+def _quantized_linear(linear: torch.nn.Linear, mode: Mode, device: torch.device,
+                      compute_dtype: torch.dtype) -> torch.nn.Module:
+    """A bnb replacement of `linear` holding the same weights, quantized on `device`. Only this one layer's weight
+    passes through host memory in fp32 (bnb quantizes from a float host tensor while moving it to the device)."""
     bnb = _require_bnb()
     has_bias = linear.bias is not None
     weight = linear.weight.data.float().cpu()
@@ -54,15 +55,16 @@ def _quantized_linear(linear: torch.nn.Linear, mode: Mode, device: torch.device)
         q.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
         q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, quant_type="nf4",
-                              compute_dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
+                              compute_dtype=compute_dtype)
         q.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
     if has_bias:
-        q.bias = torch.nn.Parameter(linear.bias.data.float().cpu(), requires_grad=False)
+        q.bias = torch.nn.Parameter(linear.bias.data.to("cpu", compute_dtype), requires_grad=False)
     return q.to(device)  # bnb quantizes while moving to the device
 
 
-def quantize_linears(module: torch.nn.Module, mode: Mode, device: torch.device) -> int:
-    """Swap every eligible nn.Linear inside `module` for its bnb version, in place.
+def quantize_linears(module: torch.nn.Module, mode: Mode, device: torch.device, compute_dtype: torch.dtype) -> int:
+    """Swap every nn.Linear inside `module` for its bnb version, in place, one layer at a time (the float layer
+    is dropped as soon as its quantized copy exists).
 
     Returns:
         The number of layers quantized.
@@ -70,10 +72,11 @@ def quantize_linears(module: torch.nn.Module, mode: Mode, device: torch.device) 
     count = 0
     for name, child in list(module.named_children()):
         if isinstance(child, torch.nn.Linear):
-            setattr(module, name, _quantized_linear(child, mode, device))
+            setattr(module, name, _quantized_linear(child, mode, device, compute_dtype))
+            del child
             count += 1
         else:
-            count += quantize_linears(child, mode, device)
+            count += quantize_linears(child, mode, device, compute_dtype)
     return count
 
 
@@ -117,28 +120,39 @@ def patched_peft_dequantize() -> Iterator[None]:
             m.dequantize_module_weight = original
 
 
-def build_quantized_unet(unet: torch.nn.Module, mode: Mode, device: torch.device) -> torch.nn.Module:
-    """A frozen quantized copy of `unet` that peft will adapt with its bnb layers."""
+def quantize_unet(unet: torch.nn.Module, mode: Mode, device: torch.device) -> torch.nn.Module:
+    """Quantize the UNet's linear layers in place (convolutions and norms stay in its float dtype) and flag it for
+    peft's bnb layers. Returns the same module."""
     if mode not in ("int8", "nf4"):
         raise ZipqError(f"quantize_base must be 'int8' or 'nf4', not {mode!r}.")
-    copy_ = copy.deepcopy(unet).to("cpu", torch.float32)
-    n = quantize_linears(copy_, mode, device)
+    compute_dtype = next(p.dtype for p in unet.parameters() if p.is_floating_point())
+    n = quantize_linears(unet, mode, device, compute_dtype)
     if n == 0:
         raise ZipqError("The UNet has no linear layers to quantize.")
-    copy_.to(device)
-    copy_.requires_grad_(False)
+    unet.requires_grad_(False)
     # Workaround 1: peft reads these flags to choose its bnb LoRA/DoRA layers.
-    copy_.is_loaded_in_8bit = mode == "int8"
-    copy_.is_loaded_in_4bit = mode == "nf4"
-    return copy_
+    unet.is_loaded_in_8bit = mode == "int8"
+    unet.is_loaded_in_4bit = mode == "nf4"
+    return unet
 
 
 @contextmanager
 def quantized_unet(base, mode: Mode) -> Iterator[torch.nn.Module]:
-    """Yield a quantized copy of the base UNet for QDoRA training, with the peft workaround active.
+    """Quantize the base's UNet in place for QDoRA training (with the peft workaround active), then load the float
+    UNet again from disk.
 
-    The adapter trained on it has the usual float factors; it is saved and loaded on the float base.
+    Why in place and reloaded: a quantized copy beside the float UNet (or a float copy on the host) would cost
+    more memory than the quantization saves; reloading costs a few seconds of disk reads, and the later stages
+    (merging, generating) want the float weights the adapter is applied to in every other tool. There are never
+    two full UNets at once. The adapter trained on the quantized base has the usual float factors.
     """
-    unet = build_quantized_unet(base.unet, mode, base.device)
-    with patched_peft_dequantize():
-        yield unet
+    unet = quantize_unet(base.pipe.unet, mode, base.device)
+    try:
+        with patched_peft_dequantize():
+            yield unet
+    finally:
+        base.pipe.unet = None
+        for name, _ in list(unet.named_children()):  # free its weights now, whoever still holds the module
+            delattr(unet, name)
+        del unet
+        base.reload_unet()
