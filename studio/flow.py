@@ -18,7 +18,7 @@ from pathlib import Path
 
 from zipq_core import plan
 from zipq_core.adapters import INT8_DIR, load_adapter, load_training_views, save_adapter
-from zipq_core.base import BaseModel, out_of_memory
+from zipq_core.base import BaseModel
 from zipq_core.config import (
     METHODS,
     DataConfig,
@@ -193,15 +193,17 @@ class Studio:
         self.quota.check(sessions.usage(paths), total, incoming_bytes, incoming_files)
 
     # --------------------------------------------------------------------------------------------- data
-    def data_config(self, kind: str, resolution: int | None = None) -> DataConfig:
+    def data_config(self, kind: str, resolution: int | None = None, buckets: bool = False) -> DataConfig:
         low, high = LIMITS[kind]
-        return DataConfig(resolution=resolution or self.base.default_size, min_images=low, max_images=high)
+        return DataConfig(resolution=resolution or self.base.default_size, min_images=low, max_images=high,
+                          buckets=buckets)
 
     def caption(self, kind: str, s: Settings) -> str:
         return TrainConfig(kind=kind, token=s.token(kind), class_noun=s.noun(kind)).instance_prompt
 
     def prepare(self, kind: str, sources, s: Settings, resolution: int | None = None) -> ImageSet:
-        return prepare_images(sources, self.caption(kind, s), self.data_config(kind, resolution), token=s.token(kind))
+        return prepare_images(sources, self.caption(kind, s),
+                              self.data_config(kind, resolution, self.defaults.aspect_buckets), token=s.token(kind))
 
     def store_images(self, kind: str, session: str, files: Sequence[str | Path] | None, token: str,
                      noun: str) -> Stored:
@@ -278,6 +280,12 @@ class Studio:
                             f"{plan.describe(self.budget_s)} limit per job: {lower}.")
         return estimate
 
+    def _memory(self, stage: str, **settings) -> str:
+        """The job's memory plan (zipq_core.plan), refused with what to lower when it cannot fit the GPU."""
+        needs = plan.plan_memory(self.base, stage, **settings)
+        plan.check_fits(needs)
+        return needs.describe()
+
     def _busy(self, session: str, kind: str) -> bool:
         job = self.registry.latest(session, kind)
         return job is not None and job.status not in FINISHED
@@ -289,7 +297,8 @@ class Studio:
                            resolution=form.resolution, prior_preservation=form.prior and kind == "subject",
                            quantize_base=form.quantize, sample_every=form.sample_every,
                            checkpoint_every=max(10, form.steps // 4),
-                           gradient_checkpointing=self.defaults.gradient_checkpointing)
+                           gradient_checkpointing=self.defaults.gradient_checkpointing,
+                           aspect_buckets=self.defaults.aspect_buckets)
 
     def submit_training(self, session: str, form: TrainForm) -> list[Job]:
         """Queue training of the subject, the style or both (one after the other); returns at once."""
@@ -317,7 +326,7 @@ class Studio:
 
     def _submit_training(self, session: str, paths: SessionPaths, cfgs: list[TrainConfig], int8: bool,
                          resume: bool) -> list[Job]:
-        estimates = []
+        estimates, memory = [], []
         for cfg in cfgs:
             if not paths.images(cfg.kind).exists():
                 raise ZipqError(f"No {cfg.kind} images yet: upload them in the {cfg.kind.title()} tab (or load the "
@@ -328,16 +337,18 @@ class Studio:
             full = plan.train_seconds(self.base, cfg, self.speed)
             estimates.append(self._within_budget(full * (cfg.steps - done) / cfg.steps, f"{cfg.kind} training",
                                                  "lower the steps, the resolution or the batch"))
+            memory.append(self._memory("train", train=cfg))
         self._check_disk(paths)
         # One after the other, each waiting for the one before: a session's jobs form a chain, so each of them
         # waits for at most one other session's turn (the fair order serves the least recently served session).
         jobs: list[Job] = []
-        for cfg, estimate in zip(cfgs, estimates):
+        for cfg, estimate, needs in zip(cfgs, estimates, memory):
             jobs.append(self.registry.submit(session, f"train-{cfg.kind}",
                                              functools.partial(self._train_job, cfg, int8, resume, paths),
                                              label=f"{'resume' if resume else 'train'} {cfg.kind}",
                                              after=[jobs[-1].id] if jobs else (), estimate_s=estimate,
-                                             budget_s=self.budget_s, meta={"int8": int8, "kind": cfg.kind}))
+                                             budget_s=self.budget_s,
+                                             meta={"int8": int8, "kind": cfg.kind, "memory": needs}))
         return jobs
 
     def _train_job(self, cfg: TrainConfig, int8: bool, resume: bool, paths: SessionPaths, ctx: JobContext):
@@ -347,10 +358,9 @@ class Studio:
             shutil.rmtree(out, ignore_errors=True)  # a fresh training starts from nothing (the merge is kept)
         # The caption comes from the config made at submission, even if the tokens were edited since.
         images = prepare_images(paths.images(cfg.kind), cfg.instance_prompt,
-                                self.data_config(cfg.kind, cfg.resolution), token=cfg.token)
-        with out_of_memory("lower the resolution, the rank or the batch, or train on a quantized base (QDoRA)"):
-            yield from train_adapter(self.base, images, cfg, out, resume=resume, cancel=ctx.cancel,
-                                     info={"base": self.base.spec})
+                                self.data_config(cfg.kind, cfg.resolution, cfg.aspect_buckets), token=cfg.token)
+        yield from train_adapter(self.base, images, cfg, out, resume=resume, cancel=ctx.cancel,
+                                 info={"base": self.base.spec})
         if int8 and paths.has_adapter(cfg.kind):
             ctx.artifact("int8", save_adapter(load_adapter(out), out / INT8_DIR, storage="int8"))
             ctx.log("Saved an INT8 copy of the adapter.")
@@ -385,15 +395,19 @@ class Studio:
         if self._busy(session, "merge"):
             raise ZipqError("A merge is already queued or running: wait for it or cancel it.")
         estimate = self._within_budget(plan.merge_seconds(self.base, cfg, self.speed), "merge", "lower the steps")
+        made = [load_adapter(paths.adapter(k)) for k in ("subject", "style") if paths.has_adapter(k)] \
+            if not after else []
+        needs = self._memory("merge", merge=cfg, train=TrainConfig.for_family(self.base.family),
+                             adapter_params=max(a.num_params() for a in made) if len(made) == 2 else None)
         self._check_disk(paths)
         return self.registry.submit(session, "merge", functools.partial(self._merge_job, cfg, paths),
                                     label=f"merge ({MERGE_LABELS.get(cfg.method, cfg.method)})", after=after,
-                                    estimate_s=estimate, budget_s=self.budget_s)
+                                    estimate_s=estimate, budget_s=self.budget_s, meta={"memory": needs})
 
     def _merge_job(self, cfg: MergeConfig, paths: SessionPaths, ctx: JobContext):
         staging = paths.merged.with_name("merged.new")  # the earlier merge stays until this one succeeds
         shutil.rmtree(staging, ignore_errors=True)
-        with out_of_memory("merge with fewer steps or a smaller batch"):
+        try:
             for record in merge_adapters(self.base, paths.adapter("subject"), paths.adapter("style"), cfg, staging,
                                          cancel=ctx.cancel):
                 if record.done:
@@ -402,7 +416,8 @@ class Studio:
                     record.adapter_dir = paths.merged
                     sessions.record_made_from(paths)
                 yield record
-        shutil.rmtree(staging, ignore_errors=True)
+        finally:  # a failed or cancelled merge leaves nothing half-written
+            shutil.rmtree(staging, ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------ generation
     def slider_adapters(self, paths: SessionPaths, sliders: Sliders) -> list[AdapterSpec]:
@@ -425,10 +440,13 @@ class Studio:
         estimate = self._within_budget(plan.generate_seconds(self.base, form.request, judges, self.speed),
                                        "generation", "make fewer or smaller images, fewer steps or fewer candidates "
                                        "per image")
+        needs = self._memory("generate", generate=form.request, adapters=judges,
+                             train=TrainConfig.for_family(self.base.family))
         self._check_disk(paths)
         return self.registry.submit(session, "generate", functools.partial(self._generate_job, form, paths),
                                     label="generate", after=after, estimate_s=estimate, budget_s=self.budget_s,
-                                    meta={"note": self._generation_note(form), "seed": form.request.seed})
+                                    meta={"note": self._generation_note(form), "seed": form.request.seed,
+                                          "memory": needs})
 
     def _generation_note(self, form: GenerateForm) -> str:
         s, r = form.sliders, form.request

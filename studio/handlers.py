@@ -137,6 +137,12 @@ def job_line(snap: dict | None, name: str, resume_step: int | None = None) -> st
     return " · ".join(parts)
 
 
+def queued(job: Job) -> str:
+    """A queued job as the page announces it: its label, its time and its memory plan."""
+    memory = f", {job.meta['memory']}" if job.meta.get("memory") else ""
+    return f"{job.label} (about {plan.describe(job.estimate_s)}{memory})"
+
+
 def smoothed(values: list[float], weight: float = 0.9) -> list[float]:
     """An exponential moving average with bias correction (TensorBoard's smoothing): the trend of a noisy loss."""
     out, avg = [], 0.0
@@ -297,7 +303,7 @@ class Handlers:
         """Queue training of the subject, the style or both (one after the other); returns at once."""
         form = TrainForm.parse(which, method, quantize, int8, rank, steps, lr, resolution, prior, sample_every)
         jobs = self.studio.submit_training(session, form)
-        return "Queued: " + ", ".join(f"{j.label} (about {plan.describe(j.estimate_s)})" for j in jobs)
+        return "Queued: " + ", ".join(queued(j) for j in jobs)
 
     @user_errors
     def resume(self, session: str, which: str, method: str, quantize: str, int8: bool, rank: float, steps: float,
@@ -319,7 +325,7 @@ class Handlers:
         """Queue a merge of the session's subject and style adapters; returns at once."""
         job = self.studio.submit_merge(session, MergeForm.parse(method, lam, steps, subject_weight, style_weight,
                                                                 density))
-        return f"Queued: {job.label} (about {plan.describe(job.estimate_s)})"
+        return f"Queued: {queued(job)}"
 
     # ---- generation
     @user_errors

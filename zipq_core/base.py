@@ -42,6 +42,17 @@ class BaseModel:
     dtype: torch.dtype
     lock: threading.RLock  # one job at a time touches the (shared, cached) UNet weights
 
+    @classmethod
+    def from_pipeline(cls, spec: str, pipe, device: torch.device, dtype: torch.dtype) -> BaseModel:
+        """Wrap a pipeline already in `dtype`: moved to `device`, every model frozen and in eval mode (no stage
+        may take gradients for the base's weights: they would be a second copy of it)."""
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+            if module is not None:
+                module.requires_grad_(False).eval()
+        return cls(spec=spec, pipe=pipe, arch=detect_arch(pipe), device=device, dtype=dtype, lock=threading.RLock())
+
     @property
     def unet(self) -> torch.nn.Module:
         return self.pipe.unet
@@ -54,6 +65,13 @@ class BaseModel:
     def family(self) -> str:
         """The defaults family (config.FAMILY_DEFAULTS): "mini", or the architecture."""
         return "mini" if self.is_mini else self.arch
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """How its adapters are stored: fp16 for a base that computes in half precision (half the file, nothing
+        lost that its own fp16/bf16 arithmetic keeps; and what ComfyUI/A1111 files hold), fp32 otherwise (mini,
+        CPU runs, the exactness of merged == unmerged)."""
+        return torch.float16 if self.dtype in (torch.float16, torch.bfloat16) else torch.float32
 
     @property
     def default_size(self) -> int:
@@ -184,20 +202,67 @@ def _load_pipeline(spec: str, dtype: torch.dtype):
 
 
 def _load_hub(repo_id: str, dtype: torch.dtype):
+    """A hub pipeline: from the local cache when it is there, else downloaded (its files' total checked against the
+    free disk first; huggingface_hub shows the progress). A half-precision base takes the repo's fp16 variant
+    where it has one (SDXL: 6.9 GB instead of 13.9 GB)."""
     from diffusers import DiffusionPipeline
 
-    try:  # the local cache first: no network, and it is all an offline machine has
-        return DiffusionPipeline.from_pretrained(repo_id, torch_dtype=dtype, local_files_only=True)
-    except Exception as cached_error:
-        if is_offline():
-            raise ZipqError(f"{repo_id} is not in the local Hugging Face cache and this machine is offline "
-                            "(HF_HUB_OFFLINE=1). Use --base mini (bundled), a local diffusers folder or a "
-                            ".safetensors file.") from cached_error
+    variants = ["fp16", None] if dtype in (torch.float16, torch.bfloat16) else [None]
+    cached_error: Exception | None = None
+    for variant in variants:  # the local cache first: no network, and it is all an offline machine has
+        try:
+            return DiffusionPipeline.from_pretrained(repo_id, torch_dtype=dtype, variant=variant,
+                                                     local_files_only=True)
+        except Exception as e:
+            cached_error = cached_error or e
+    if is_offline():
+        raise ZipqError(f"{repo_id} is not in the local Hugging Face cache and this machine is offline "
+                        "(HF_HUB_OFFLINE=1). Use --base mini (bundled), a local diffusers folder or a "
+                        ".safetensors file.") from cached_error
+    last: Exception | None = None
+    for variant in variants:
+        files = download_size(repo_id, variant)
+        if files is None:  # the repo has no such variant
+            continue
+        check_free_disk(repo_id, files)
+        try:
+            return DiffusionPipeline.from_pretrained(repo_id, torch_dtype=dtype, variant=variant)
+        except Exception as e:
+            last = e
+    raise ZipqError(f"Could not download {repo_id}: {type(last).__name__ if last else 'no weights'}: {last}. Without "
+                    "network access use --base mini (bundled), a local diffusers folder or a .safetensors file.")
+
+
+def download_size(repo_id: str, variant: str | None) -> int | None:
+    """Bytes of the pipeline files a download of `repo_id` fetches (its components' weights in `variant` and their
+    configs), or None when the repo has no weights in that variant. Asks the hub for the file list only."""
+    from huggingface_hub import HfApi
+
     try:
-        return DiffusionPipeline.from_pretrained(repo_id, torch_dtype=dtype)
+        info = HfApi().model_info(repo_id, files_metadata=True)
     except Exception as e:
-        raise ZipqError(f"Could not download {repo_id}: {type(e).__name__}: {e}. Without network access use "
-                        "--base mini (bundled), a local diffusers folder or a .safetensors file.") from e
+        raise ZipqError(f"Could not find {repo_id} on the Hugging Face hub: {type(e).__name__}: {e}.") from e
+    files = [(f.rfilename, f.size or 0) for f in info.siblings or [] if "/" in f.rfilename]  # components only
+    weights = [(n, b) for n, b in files if n.endswith(".safetensors")]
+    tag = f".{variant}." if variant else None
+    chosen = [(n, b) for n, b in weights if (tag in n if tag else ".fp16." not in n)]
+    if not chosen:
+        return None
+    return sum(b for _, b in chosen) + sum(b for n, b in files if n.endswith((".json", ".txt")))
+
+
+def check_free_disk(repo_id: str, nbytes: int) -> None:
+    """Refuse a download the Hugging Face cache's disk cannot hold (with 5 % to spare)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    cache = Path(constants.HF_HUB_CACHE)
+    cache.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache).free
+    if nbytes * 1.05 > free:
+        raise ZipqError(f"Downloading {repo_id} needs {nbytes / 1e9:.1f} GB in {cache} but only {free / 1e9:.1f} GB "
+                        "is free: free some space or point HF_HOME at a larger disk.")
 
 
 def load_base(spec: str = "mini", device: str | None = None, dtype: str | None = None) -> BaseModel:
@@ -222,12 +287,7 @@ def load_base(spec: str = "mini", device: str | None = None, dtype: str | None =
         if getattr(pipe, "unet", None) is None:
             raise ZipqError(f"{spec} is a {type(pipe).__name__}; only UNet Stable Diffusion pipelines "
                             "(SD1.x, SD2.x, SDXL) are supported.")
-        pipe.to(dev)
-        pipe.set_progress_bar_config(disable=True)
-        for module in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
-            if module is not None:
-                module.requires_grad_(False).eval()
-        base = BaseModel(spec=spec, pipe=pipe, arch=detect_arch(pipe), device=dev, dtype=dt, lock=threading.RLock())
+        base = BaseModel.from_pipeline(spec, pipe, dev, dt)
         while len(_CACHE) >= _MAX_CACHED:
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = base

@@ -80,6 +80,11 @@ def _add_base_args(p: argparse.ArgumentParser) -> None:
                    help="default: fp32 on CPU, bf16/fp16 on CUDA")
 
 
+def _add_plan_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plan", action="store_true", help="print the memory plan (GB the job needs on the device, "
+                   "counted from the settings) and exit; without it a job that cannot fit is refused before it starts")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m zipq_core", description="ZipQDoRA Studio core: train subject "
                                      "and style adapters, merge them, generate, evaluate.")
@@ -94,10 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output folder for the adapter")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     t.add_argument("--int8-adapter", action="store_true", help="also save an INT8 copy of the adapter")
+    _add_plan_arg(t)
     family = "the base family's (table below)"
     add_config_flags(t, config.TrainConfig, note="unset flags: the defaults shown",
                      decided_elsewhere={"learning_rate": family, "rank": family, "target_modules": family,
                                         "steps": family, "batch_size": family, "gradient_checkpointing": family,
+                                        "aspect_buckets": family,
                                         "resolution": "the base model's size"})
 
     g = sub.add_parser("generate", help="generate images with adapters at chosen strengths")
@@ -111,12 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None, help="image width (default: the base model's size)")
     g.add_argument("--height", type=int, default=None, help="image height (default: the base model's size)")
     add_config_flags(g, config.Sliders, note="with --merged")
+    _add_plan_arg(g)
 
     m = sub.add_parser("merge", help="merge a subject and a style adapter (zipq, zip, direct, ties, dare, blora)")
     _add_base_args(m)
     m.add_argument("--subject", required=True, help="subject adapter folder or .safetensors")
     m.add_argument("--style", required=True, help="style adapter folder or .safetensors")
     m.add_argument("--out", required=True)
+    _add_plan_arg(m)
     add_config_flags(m, config.MergeConfig, decided_elsewhere={"batch_size": "the base family's",
                                                           "gradient_checkpointing": "the base family's"})
 
@@ -164,10 +173,12 @@ def cmd_train(args: argparse.Namespace) -> dict:
     base = load_base(args.base, args.device or _launched_device(), args.dtype)
     given = config_values(config.TrainConfig, args)
     cfg = config.TrainConfig.for_family(base.family, **{"resolution": base.default_size, **given})
-    images = prepare_images(args.images, cfg.instance_prompt, config.DataConfig(resolution=cfg.resolution),
-                            token=cfg.token)
+    data = config.DataConfig(resolution=cfg.resolution, buckets=cfg.aspect_buckets)
+    images = prepare_images(args.images, cfg.instance_prompt, data, token=cfg.token)
     for r in images.rejected:
         print(f"skipped {r.name}: {r.reason}", file=sys.stderr)
+    if (needs := _memory(args, base, "train", train=cfg, images=len(images.images))) is not None:
+        return needs
     bar = _Bar(cfg.steps, f"train {cfg.kind} {cfg.method}")
     last = None
     try:
@@ -181,6 +192,18 @@ def cmd_train(args: argparse.Namespace) -> dict:
     if args.int8_adapter:
         summary["int8_adapter"] = str(save_adapter(load_adapter(args.out), Path(args.out) / INT8_DIR, storage="int8"))
     return summary
+
+
+def _memory(args: argparse.Namespace, base, stage: str, **settings) -> dict | None:
+    """With --plan: the job's memory plan, to print instead of running. Otherwise None, or a `ZipqError` when the
+    job cannot fit the device (raised before anything runs)."""
+    from .plan import check_fits, plan_memory
+
+    needs = plan_memory(base, stage, **settings)
+    if args.plan:
+        return {"plan": needs.as_dict(), "summary": needs.describe()}
+    check_fits(needs)
+    return None
 
 
 def _launched_device() -> str | None:
@@ -208,6 +231,9 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     adapters = load_adapters(args.adapter)
     if args.merged:
         adapters += slider_adapters(args.merged, sliders.subject, sliders.style, sliders.subject_detail)
+    if (needs := _memory(args, base, "generate", generate=cfg, adapters=len(adapters),
+                         train=config.TrainConfig.for_family(base.family))) is not None:
+        return needs
     bar = _Bar(cfg.steps * cfg.candidates, "generate")
     started = time.time()
     try:  # generate reports the true total (one round when no adapter is active, plus judging)
@@ -228,11 +254,15 @@ def cmd_generate(args: argparse.Namespace) -> dict:
 
 
 def cmd_merge(args: argparse.Namespace) -> dict:
+    from .adapters import load_adapter
     from .base import load_base
     from .merge import merge_adapters
 
     base = load_base(args.base, args.device, args.dtype)
     cfg = config.MergeConfig.for_family(base.family, **config_values(config.MergeConfig, args))
+    params = max(load_adapter(p).num_params() for p in (args.subject, args.style))
+    if (needs := _memory(args, base, "merge", merge=cfg, adapter_params=params)) is not None:
+        return needs
     bar = _Bar(cfg.steps if cfg.learned else 1, f"merge {cfg.method}")
     last = None
     try:

@@ -132,6 +132,7 @@ class FamilyDefaults:
     steps: int
     batch_size: int
     gradient_checkpointing: bool  # recompute activations in backward: ~25 % slower, a fraction of the memory
+    aspect_buckets: bool  # train on each image's own aspect ratio (the mini world is square)
     merge_batch: int  # latents per concept per learned-merge step
     candidates: int  # candidates per image when generating from a merge (each costs a full generation)
 
@@ -141,10 +142,10 @@ class FamilyDefaults:
 # with gradient checkpointing (what brings SDXL at 1024 px under 12 GB: bench/real_scale.py), one latent per
 # concept per merge step, one candidate per image (on SDXL a candidate is a whole 1024 px generation).
 _REAL = dict(learning_rate=1e-4, rank=16, targets="attention", steps=500, batch_size=1, gradient_checkpointing=True,
-             merge_batch=1, candidates=1)
+             aspect_buckets=True, merge_batch=1, candidates=1)
 FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {
     "mini": FamilyDefaults(learning_rate=3e-3, rank=8, targets="full", steps=300, batch_size=2,
-                           gradient_checkpointing=False, merge_batch=2, candidates=8),
+                           gradient_checkpointing=False, aspect_buckets=False, merge_batch=2, candidates=8),
     "sd1": FamilyDefaults(**_REAL),
     "sd2": FamilyDefaults(**_REAL),
     "sdxl": FamilyDefaults(**_REAL),
@@ -159,9 +160,10 @@ def family_defaults(family: str) -> FamilyDefaults:
 def family_table() -> str:
     """The family defaults as a plain-text table (the CLI's --help epilog, the Train tab's note)."""
     rows = [f"{'family':<6} {'lr':>7} {'rank':>4} {'targets':<10} {'steps':>5} {'batch':>5} {'checkpointing':>13} "
-            f"{'merge batch':>11} {'candidates':>10}"]
+            f"{'buckets':>7} {'merge batch':>11} {'candidates':>10}"]
+    on = lambda flag: "on" if flag else "off"
     rows += [f"{name:<6} {d.learning_rate:>7g} {d.rank:>4} {d.targets:<10} {d.steps:>5} {d.batch_size:>5} "
-             f"{'on' if d.gradient_checkpointing else 'off':>13} {d.merge_batch:>11} {d.candidates:>10}"
+             f"{on(d.gradient_checkpointing):>13} {on(d.aspect_buckets):>7} {d.merge_batch:>11} {d.candidates:>10}"
              for name, d in FAMILY_DEFAULTS.items()]
     return "\n".join(rows)
 
@@ -178,6 +180,9 @@ class DataConfig:
                                                                  "the header before decoding."))
     min_images: int = field(default=2, metadata=_help("Fewer usable images than this stops the run."))
     max_images: int = field(default=100, metadata=_help("More usable images than this stops the run."))
+    buckets: bool = field(default=False, metadata=_help("Keep each image's aspect ratio: crop it to the nearest of "
+                                                          "a set of sizes of about resolution² pixels instead of a "
+                                                          "centred square."))
 
     def __post_init__(self) -> None:
         _check(_is_int(self.resolution) and 64 <= self.resolution <= 2048 and self.resolution % 8 == 0,
@@ -230,6 +235,9 @@ class TrainConfig:
         "sampling), 'uniform' (DreamBooth's) for a style: on mini a style's texture is decided at every noise "
         "level, and 'low_noise' lowered held-out style accuracy (0.91 -> 0.78)."))
     flip: bool = field(default=True, metadata=_help("Also train on mirrored images (off for text/logos)."))
+    aspect_buckets: bool = field(default=False, metadata=_help(
+        "Train each image at its own aspect ratio (sizes of about resolution² pixels, 1:2 to 2:1) instead of a "
+        "centred square crop; SDXL is told each image's original size and crop."))
     prior_preservation: bool = field(default=False, metadata=_help("DreamBooth prior preservation."))
     prior_weight: float = field(default=1.0, metadata=_help("Weight of the prior-preservation loss."))
     num_class_images: int = field(default=8, metadata=_help("Class images generated for the prior."))
@@ -286,7 +294,8 @@ class TrainConfig:
         """The family's defaults (FAMILY_DEFAULTS), then `overrides` (None values are ignored)."""
         d = family_defaults(family)
         base = {"learning_rate": d.learning_rate, "rank": d.rank, "target_modules": TARGET_PRESETS[d.targets],
-                "steps": d.steps, "batch_size": d.batch_size, "gradient_checkpointing": d.gradient_checkpointing}
+                "steps": d.steps, "batch_size": d.batch_size, "gradient_checkpointing": d.gradient_checkpointing,
+                "aspect_buckets": d.aspect_buckets}
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     @property

@@ -73,11 +73,20 @@ class Rejected:
 
 @dataclass
 class TrainingImage:
-    """One usable image: RGB, exactly resolution × resolution, with its caption."""
+    """One usable image: RGB, resolution × resolution (or its aspect bucket's size), with its caption, and where
+    it came from in SDXL's micro-conditioning terms: the original's (height, width) and the crop's (top, left) in
+    the original scaled to cover the view."""
 
     name: str
     image: Image.Image
     caption: str
+    original_size: tuple[int, int] = (0, 0)  # (0, 0): unknown, taken as the view's own size
+    crop_top_left: tuple[int, int] = (0, 0)
+
+    def micro_conditioning(self) -> tuple[int, int, int, int, int, int]:
+        """SDXL's add_time_ids: original (h, w), crop (top, left), target (h, w)."""
+        target = (self.image.height, self.image.width)
+        return (*(self.original_size if self.original_size != (0, 0) else target), *self.crop_top_left, *target)
 
 
 @dataclass
@@ -93,7 +102,9 @@ class ImageSet:
         Returns:
             e.g. "4 images ready at 64×64 px, 1 file skipped:\\n- notes.pdf: not an image file (cannot be decoded)".
         """
-        size = f" at {self.images[0].image.width}×{self.images[0].image.height} px" if self.images else ""
+        sizes = sorted({t.image.size for t in self.images})
+        size = f" at {sizes[0][0]}×{sizes[0][1]} px" if len(sizes) == 1 else \
+            f" in {len(sizes)} aspect-ratio sizes" if sizes else ""
         head = f"{_plural(len(self.images), 'image')} ready{size}"
         if not self.rejected:
             return head + "."
@@ -217,7 +228,9 @@ def _prepare_one(path: Path, captions: dict[str, Path], default: str, config: Da
     text = _caption_for(path, captions, default, token)
     if isinstance(text, Rejected):
         return text
-    return TrainingImage(path.name, square_view(image, config.resolution), text)
+    size = nearest_bucket(*image.size, config.resolution) if config.buckets else (config.resolution,) * 2
+    view, crop = fit_view(image, *size)
+    return TrainingImage(path.name, view, text, (image.height, image.width), crop)
 
 
 def load_image(path: Path, config: DataConfig = DataConfig()) -> Image.Image | Rejected:
@@ -367,14 +380,50 @@ def _on_white(rgba: Image.Image) -> Image.Image:
 def center_square_box(width: int, height: int) -> tuple[int, int, int, int]:
     """The largest centred square inside a width × height image.
 
-    Kept apart from `square_view` so aspect-ratio buckets can swap in their own box later.
-
     Returns:
         (left, top, right, bottom) for `Image.crop`.
     """
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     return left, top, left + side, top + side
+
+
+BUCKET_STEP = 64  # bucket sides are multiples of this (SDXL's and SD's latents stay whole at every UNet level)
+MAX_ASPECT = 2.0  # from 1:2 to 2:1
+
+
+def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
+    """(width, height) training sizes of about resolution² pixels and at most that many, sides multiples of 64,
+    from 1:2 to 2:1 (1024 → 704×1408 … 1024×1024 … 1408×704); the square always among them."""
+    step = min(BUCKET_STEP, resolution)
+    sizes = {(resolution, resolution)}
+    for width in range(step, 2 * resolution + 1, step):
+        height = (resolution * resolution // width) // step * step
+        if height >= step and 1 / MAX_ASPECT <= width / height <= MAX_ASPECT:
+            sizes |= {(width, height), (height, width)}  # portrait and landscape alike
+    return sorted(sizes)
+
+
+def nearest_bucket(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest the image's (in log ratio, so 1:2 and 2:1 are equally far from
+    1:1); among equals the one with more pixels."""
+    import math
+
+    target = math.log(width / height)
+    return min(bucket_sizes(resolution), key=lambda s: (abs(math.log(s[0] / s[1]) - target), -s[0] * s[1]))
+
+
+def fit_view(image: Image.Image, width: int, height: int) -> tuple[Image.Image, tuple[int, int]]:
+    """Scale the image to cover width × height and centre-crop it there (LANCZOS; the crop is taken first so the
+    cropped-away edges do not bleed in). Returns the view and the crop's (top, left) in the scaled image, as SDXL's
+    micro-conditioning counts it."""
+    w, h = image.size
+    scale = max(width / w, height / h)
+    box_w, box_h = min(w, round(width / scale)), min(h, round(height / scale))  # the crop in the original's pixels
+    left, top = (w - box_w) // 2, (h - box_h) // 2
+    view = image.crop((left, top, left + box_w, top + box_h)).resize((width, height), Image.Resampling.LANCZOS,
+                                                                      reducing_gap=3.0)
+    return view, (round(top * scale), round(left * scale))
 
 
 def square_view(image: Image.Image, resolution: int) -> Image.Image:

@@ -54,3 +54,30 @@ def test_lora_file_given_as_base_is_explained(tmp_path):
     save_file({"unet.x.lora_A.weight": torch.zeros(1)}, str(path))
     with pytest.raises(ZipqError, match="adapter"):
         load_base(str(path))
+
+
+def test_a_hub_download_takes_the_fp16_variant_after_checking_the_disk(monkeypatch):
+    """No network here: the hub's file list and the download are stand-ins; the order and the checks are real."""
+    from diffusers import DiffusionPipeline
+
+    import zipq_core.base as base_module
+
+    calls = []
+
+    def from_pretrained(repo, torch_dtype=None, variant=None, local_files_only=False):
+        calls.append((variant, local_files_only))
+        if local_files_only:
+            raise OSError("not in the cache")
+        return "pipeline"
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(base_module, "download_size", lambda repo, variant: 7_000_000_000)
+    assert base_module._load_hub("org/model", torch.float16) == "pipeline"
+    assert calls == [("fp16", True), (None, True), ("fp16", False)]
+
+    calls.clear()
+    monkeypatch.setattr(base_module, "download_size", lambda repo, variant: 10**16)  # 10 PB
+    with pytest.raises(ZipqError, match=r"needs 10000000\.0 GB in .* free some space or point HF_HOME"):
+        base_module._load_hub("org/model", torch.float32)
+    assert calls == [(None, True)]  # nothing downloaded

@@ -13,9 +13,13 @@ from zipq_core.data import (
     DataConfig,
     ImageSet,
     Rejected,
+    bucket_sizes,
     center_square_box,
+    fit_view,
     merge_caption,
+    nearest_bucket,
     prepare_images,
+    square_view,
 )
 from zipq_core.errors import ZipqError
 
@@ -480,3 +484,44 @@ def test_prints_nothing_and_warns_nothing(tmp_path, capsys):
         prepare_images(tmp_path, CAPTION)
 
     assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize("resolution", [512, 768, 1024])
+def test_aspect_buckets_cover_1_to_2_within_the_pixel_budget(resolution):
+    sizes = bucket_sizes(resolution)
+    assert (resolution, resolution) in sizes
+    for w, h in sizes:
+        assert w % 64 == 0 and h % 64 == 0 and w * h <= resolution**2 and 0.5 <= w / h <= 2
+        assert (h, w) in sizes  # portrait and landscape alike
+    assert min(w / h for w, h in sizes) <= 0.6 and max(w / h for w, h in sizes) >= 1.66
+
+
+def test_nearest_bucket_keeps_the_orientation_and_the_square_stays_square():
+    assert nearest_bucket(640, 480, 1024) == (1152, 896)
+    assert nearest_bucket(480, 640, 1024) == (896, 1152)
+    assert nearest_bucket(3000, 1000, 1024) == (1408, 704)  # past 2:1: the widest bucket
+    assert nearest_bucket(500, 500, 1024) == (1024, 1024)
+
+
+def test_a_square_view_is_the_fitted_view_at_a_square():
+    rng = np.random.default_rng(0)
+    for w, h in [(301, 100), (97, 203), (640, 480)]:
+        image = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        assert np.array_equal(np.asarray(square_view(image, 64)), np.asarray(fit_view(image, 64, 64)[0]))
+
+
+def test_buckets_keep_each_images_shape_and_tell_sdxl_where_it_came_from(tmp_path):
+    solid(tmp_path / "wide.png", size=(400, 200))
+    solid(tmp_path / "tall.png", size=(150, 300))
+    solid(tmp_path / "square.png", size=(100, 100))
+    views = {t.name: t for t in prepare_images(tmp_path, CAPTION, DataConfig(resolution=256, buckets=True)).images}
+    assert views["wide.png"].image.size == (320, 192)  # 2:1 asked, the nearest bucket 5:3 (≤ 256² px)
+    assert views["tall.png"].image.size == (192, 320)
+    # original (h, w), crop (top, left) in the original scaled to cover the view, target (h, w)
+    assert views["wide.png"].micro_conditioning() == (200, 400, 0, 32, 192, 320)
+    assert views["tall.png"].micro_conditioning() == (300, 150, 32, 0, 320, 192)
+    assert views["square.png"].micro_conditioning() == (100, 100, 0, 0, 256, 256)  # a small original says so
+    plain = prepare_images(tmp_path, CAPTION, DataConfig(resolution=64))
+    assert {t.image.size for t in plain.images} == {(64, 64)} and "at 64×64 px" in plain.summary()
+    assert "in 3 aspect-ratio sizes" in prepare_images(tmp_path, CAPTION,
+                                                       DataConfig(resolution=256, buckets=True)).summary()

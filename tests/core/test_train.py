@@ -182,3 +182,35 @@ def test_data_parallel_launch_on_cpu(subject_dir, tmp_path):
     assert proc.stdout.count('"adapter"') == 2  # both ranks finished
     assert load_adapter(tmp_path / "ddp").info["steps_done"] == 4
     assert json.loads((tmp_path / "ddp" / "train_log.json").read_text())["loss"]
+
+
+def test_aspect_buckets_train_each_shape_with_its_own_micro_conditioning(tiny_sdxl_dir, tmp_path, monkeypatch):
+    """Images of three shapes: every step's batch is one shape, and SDXL's time_ids carry that image's original
+    size, crop and target size (not "a square original at the training resolution")."""
+    from PIL import Image
+
+    import zipq_core.train.loop as loop
+
+    for name, size in (("wide", (256, 128)), ("tall", (96, 192)), ("square", (80, 80))):
+        Image.new("RGB", size, (200, 40, 40)).save(tmp_path / f"{name}.png")
+    base = load_base(str(tiny_sdxl_dir))
+    cfg = TrainConfig(class_noun="thing", steps=8, resolution=192, batch_size=2, aspect_buckets=True)
+    images = prepare_images(tmp_path, cfg.instance_prompt, DataConfig(resolution=192, buckets=True), token="sks")
+    seen = []
+    forward = loop.unet_forward
+
+    def recording(unet, x, t, cond):
+        seen.append((tuple(x.shape[-2:]), {tuple(int(v) for v in row) for row in cond.time_ids}))
+        return forward(unet, x, t, cond)
+
+    monkeypatch.setattr(loop, "unet_forward", recording)
+    for _ in train_adapter(base, images, cfg, tmp_path / "out"):
+        pass
+    f = base.pipe.vae_scale_factor
+    expected = {(t.image.height // f, t.image.width // f): t.micro_conditioning() for t in images.images}
+    assert len(expected) == 3 and len(seen) == cfg.steps
+    for latent_size, rows in seen:
+        assert rows == {expected[latent_size]}  # one shape per batch, its own conditioning
+    assert len({size for size, _ in seen}) >= 2  # the draws visit several buckets
+    assert expected[(128 // f, 256 // f)] == (128, 256, 0, 0, 128, 256)  # the wide one fits its bucket exactly
+    assert expected[(192 // f, 192 // f)] == (80, 80, 0, 0, 192, 192)  # the small square, upscaled: it says so

@@ -110,3 +110,35 @@ def test_merge_form_refuses_non_finite_values():
 def test_examples_ship_images_and_captions():
     files = example_files("subjects", "heart")
     assert any(f.suffix == ".png" for f in files) and any(f.suffix == ".txt" for f in files)
+
+
+def test_a_job_that_cannot_fit_the_gpu_is_refused_before_it_queues(studio, monkeypatch):
+    session = studio.new_session()
+    studio.load_examples(session, "heart", "zigzag")
+    monkeypatch.setattr(plan, "device_memory_gb", lambda device: 0.1)  # a 0.1 GB "GPU"
+    with pytest.raises(ZipqError, match="more than this GPU has: lower the resolution or the rank"):
+        studio.submit_training(session, TrainForm(which="subject", steps=20, resolution=64))
+    with pytest.raises(ZipqError, match="more than this GPU has: generate fewer images at once"):
+        studio.submit_generate(session, GenerateForm.parse("a heart", "", 0, 4, 5.0, 64, 64, 1, 1, 1))
+    assert studio.registry.jobs_for(session) == []
+
+
+def test_a_job_that_runs_out_of_memory_fails_with_advice_and_the_next_one_runs(studio, monkeypatch):
+    import torch
+
+    import zipq_core.train.loop as loop
+
+    def full_gpu(*args, **kwargs):  # the UNet's forward pass, failing as it does on a full GPU
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    session = studio.new_session()
+    studio.load_examples(session, "heart", "zigzag")
+    monkeypatch.setattr(loop, "unet_forward", full_gpu)
+    failed = studio.submit_training(session, TrainForm(which="subject", steps=4, resolution=64))[0]
+    studio.registry.wait(failed.id, 60)
+    assert failed.status == "failed"
+    assert failed.error.startswith("The GPU ran out of memory: lower the resolution, the rank or the batch")
+    monkeypatch.undo()
+    again = studio.submit_training(session, TrainForm(which="subject", steps=4, resolution=64))[0]
+    studio.registry.wait(again.id, 120)
+    assert again.status == "done", again.error

@@ -55,7 +55,7 @@ class LiveLayer(torch.nn.Module):
         dora = [p for p in self.parts if p.magnitude is not None]
         if not dora:
             return None
-        w0 = self.base.weight.flatten(1)  # [out, in]; read, never copied
+        w0 = self.base.weight.detach().flatten(1)  # [out, in]; read, never copied
         lora = [p for p in self.parts if p.magnitude is None]
         magnitude = (self._norm(w0, lora) if lora else self.n0) + sum(p.magnitude.float() - self.n0 for p in dora)
         return magnitude / self._norm(w0, self.parts)
@@ -73,18 +73,21 @@ class LiveLayer(torch.nn.Module):
             return self.base(x)
         b, conv = self.base, isinstance(self.base, torch.nn.Conv2d)
         # In the activations' dtype, like the layer itself: autograd then keeps references to x and the weight
-        # for the backward pass, not float copies of them.
+        # for the backward pass, not float copies of them. The base is read-only here whatever its flags say: a
+        # gradient for it would be a second copy of every weight.
+        weight = b.weight.detach()
         if conv:
-            out = F.conv2d(x, b.weight, None, b.stride, b.padding, b.dilation, b.groups)
+            out = F.conv2d(x, weight, None, b.stride, b.padding, b.dilation, b.groups)
         else:
-            out = F.linear(x, b.weight)
+            out = F.linear(x, weight)
         for p in self.parts:
             out = out + self._up(self._down(x, p.down.to(x.dtype)), (p.up.float() * p.scale).to(x.dtype))
         scale = self._row_scale()
         if scale is not None:
             out = out * (scale.view(-1, 1, 1) if conv else scale).to(x.dtype)
         if b.bias is not None:
-            out = out + (b.bias.view(-1, 1, 1) if conv else b.bias)
+            bias = b.bias.detach()
+            out = out + (bias.view(-1, 1, 1) if conv else bias)
         return out
 
 

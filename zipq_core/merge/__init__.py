@@ -11,14 +11,16 @@ The methods: `parts` (exact part algebra; direct, B-LoRA), `dense` (TIES, DARE),
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-import threading
-from collections.abc import Iterator
+
+import torch
 
 from ..adapters import PARTS_DIR, Adapter, load_adapter, save_adapter
-from ..base import BaseModel
+from ..base import BaseModel, out_of_memory
 from ..config import METHODS, MergeConfig, check_strength
 from ..errors import ZipqError
 from ..generation import AdapterSpec, detail_spec
@@ -60,7 +62,7 @@ def merge_adapters(base: BaseModel, subject: str | Path | Adapter, style: str | 
         raise ZipqError("ZipQDoRA merges two DoRA adapters; for LoRA adapters choose 'zip' (ZipLoRA).")
     started = time.time()
     extra: dict = {}
-    with base.lock:
+    with base.lock, out_of_memory("merge with a smaller batch, or with gradient checkpointing on"):
         if cfg.learned:
             last = MergeStep(0, cfg.steps)
             result = None
@@ -87,7 +89,7 @@ def merge_adapters(base: BaseModel, subject: str | Path | Adapter, style: str | 
         info = {"format": "zipq-merged/1", "kind": "merged", "method": cfg.method, "config": asdict(cfg),
                 "base": base.spec, "subject": _describe(subj), "style": _describe(sty),
                 "instance_prompt": _merged_prompt(subj, sty), "merge_seconds": round(seconds, 3), **extra}
-        path = save_merged(base.pipe, parts[0], parts[1], out, info)
+        path = save_merged(base.pipe, parts[0], parts[1], out, info, base.adapter_dtype)
     yield MergeStep(extra.get("steps", 0), cfg.steps if cfg.learned else 0, extra.get("loss", float("nan")),
                     elapsed=seconds, done=True, adapter_dir=out,
                     summary={**info, "adapter_bytes": path.stat().st_size})
@@ -102,13 +104,14 @@ def _merged_prompt(subject: Adapter, style: Adapter) -> str:
     return f"a photo of {token} {noun} in {style.info.get('token', 'zkz')} style".replace("  ", " ")
 
 
-def save_merged(pipe, subject_part: Adapter, style_part: Adapter, out_dir: Path, info: dict) -> Path:
-    """Write the merged adapter (one standard file) and its two parts (for the sliders)."""
+def save_merged(pipe, subject_part: Adapter, style_part: Adapter, out_dir: Path, info: dict,
+                dtype: torch.dtype = torch.float32) -> Path:
+    """Write the merged adapter (one standard file) and its two parts (for the sliders), in `dtype`."""
     for name, part in (("subject", subject_part), ("style", style_part)):
         part.info = {**part.info, "part": name}
-        save_adapter(part.detached(), out_dir / PARTS_DIR / name)
+        save_adapter(part.detached(), out_dir / PARTS_DIR / name, dtype=dtype)
     merged = combine_parts(pipe, subject_part.detached(), style_part.detached(), info)
-    return save_adapter(merged, out_dir)
+    return save_adapter(merged, out_dir, dtype=dtype)
 
 
 def slider_adapters(merged_dir: str | Path, subject_strength: float, style_strength: float,

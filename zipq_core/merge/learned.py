@@ -24,6 +24,7 @@ from ..adapters import Adapter, LoraLayer, load_training_views
 from ..adapters.live import LiveLayer, live_layers
 from ..base import BaseModel
 from ..config import MergeConfig
+from ..data import square_view
 from ..encode import encode_images, encode_text, sample_latents, unet_forward
 from ..errors import ZipqError
 from ..progress import MergeStep, eta
@@ -90,8 +91,9 @@ def _similarity(mergers: _Mergers, kind: str) -> torch.Tensor:
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
-def _concept_data(base: BaseModel, adapter_dir: Path | None, adapter: Adapter, resolution: int):
-    """Latent moments and conditioning for an adapter's own training views (or images it generates)."""
+def _concept_views(base: BaseModel, adapter_dir: Path | None, adapter: Adapter,
+                   resolution: int) -> tuple[list, list[str]]:
+    """An adapter's own training views (images, captions), or images it generates when it has none."""
     views = load_training_views(adapter_dir) if adapter_dir is not None else None
     if views is None:  # an adapter brought from elsewhere: let it draw its own concept
         from ..config import GenerateConfig
@@ -101,11 +103,22 @@ def _concept_data(base: BaseModel, adapter_dir: Path | None, adapter: Adapter, r
         images = [generate(base, GenerateConfig(prompt=prompt, seed=i, width=resolution, height=resolution),
                            [(adapter, 1.0)])[0] for i in range(4)]
         views = (images, [prompt] * len(images))
-    images, captions = views
-    unique = sorted(set(captions))
-    table = encode_text(base, unique, resolution)
-    index = torch.tensor([unique.index(c) for c in captions], device=base.device)
-    return encode_images(base, images).to(base.device), table.select(index)
+    return views
+
+
+def _concept_data(base: BaseModel, views: list[tuple[list, list[str]]], resolution: int) -> list[tuple]:
+    """Latent moments and conditioning per concept: every caption first, then the text encoders leave the device
+    before the VAE's activations arrive."""
+    tables = [encode_text(base, sorted(set(captions)), resolution) for _, captions in views]
+    base.text_encoders_on_device(False)
+    data = []
+    for (images, captions), table in zip(views, tables):
+        if len({im.size for im in images}) > 1:  # aspect buckets: the merge takes centred squares of them
+            images = [square_view(im, resolution) for im in images]
+        unique = sorted(set(captions))
+        index = torch.tensor([unique.index(c) for c in captions], device=base.device)
+        data.append((encode_images(base, images).to(base.device), table.select(index)))
+    return data
 
 
 def learned_merge(base: BaseModel, subject: Adapter, style: Adapter, dirs: tuple[Path | None, Path | None],
@@ -129,8 +142,8 @@ def learned_merge(base: BaseModel, subject: Adapter, style: Adapter, dirs: tuple
     optimizer = torch.optim.Adam(mergers.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     # fp16 activations underflow in backward without loss scaling (the mergers themselves are fp32).
     scaler = torch.amp.GradScaler(device.type, enabled=base.dtype == torch.float16)
-    data_c = _concept_data(base, dirs[0], subject, resolution)
-    data_s = _concept_data(base, dirs[1], style, resolution)
+    views = [_concept_views(base, d, a, resolution) for d, a in zip(dirs, (subject, style))]
+    data_c, data_s = _concept_data(base, views, resolution)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
     teacher_c, teacher_s = _learned_parts(subject, style, _Mergers({}, {}), norms)  # each alone, at strength 1
@@ -151,7 +164,7 @@ def learned_merge(base: BaseModel, subject: Adapter, style: Adapter, dirs: tuple
                 noise = torch.randn(batch[0][0].shape, generator=generator).to(device)  # same ε for both
                 t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=generator)
                 t = t.to(device)  # and the same timesteps
-                noisy = [scheduler.add_noise(z, noise, t) for z, _ in batch]
+                noisy = [scheduler.add_noise(z, noise, t).to(base.dtype) for z, _ in batch]
                 with torch.no_grad():
                     _show(live, teacher_c)
                     target_c = unet_forward(unet, noisy[0], t, batch[0][1]).float()
