@@ -26,6 +26,7 @@ the scored rows never choose them.
 Usage: python bench/real_scale.py --out FILE [--family sdxl|sd15] [--stage train|merge|generate]
        [--mode bf16|nf4] [--role score|fit]      (rows already in FILE are kept: the run resumes)
        python bench/real_scale.py --out FILE --fit   (least-squares constants from FILE's fit rows)
+       python bench/real_scale.py --out FILE --markdown TABLE.md   (the scored rows as a table, against TARGETS)
 """
 
 from __future__ import annotations
@@ -66,17 +67,19 @@ CLIP_BIG_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, nu
                   num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
 RESOLUTION = {"sdxl": 1024, "sd15": 512}
 FAMILY = {"sdxl": "sdxl", "sd15": "sd1"}  # the core's family names
-SCORED = [(f, s, m, RESOLUTION[f], "score") for f in ("sd15", "sdxl")
-          for s, m in (("train", "bf16"), ("train", "nf4"), ("merge", "bf16"), ("generate", "bf16"))]
+STAGES = (("train", "bf16"), ("train", "nf4"), ("merge", "bf16"), ("generate", "bf16"))
+SCORED = [(f, s, m, RESOLUTION[f], "score") for f in ("sd15", "sdxl") for s, m in STAGES]
 FIT = [("sd15", "train", "bf16", 256, "fit"), ("sd15", "train", "bf16", 384, "fit"),
        ("sd15", "generate", "bf16", 256, "fit"), ("sdxl", "train", "bf16", 512, "fit"),
-       ("sdxl", "generate", "bf16", 512, "fit")]
+       ("sdxl", "generate", "bf16", 512, "fit"), ("sdxl", "train", "bf16", 768, "fit"),
+       ("sdxl", "generate", "bf16", 768, "fit")]
 ROWS = FIT + SCORED
 GB = 1024**3
 
 
-def build_pipeline(family: str, dtype):
-    """The family's pipeline from its configs, random weights, built directly in `dtype` (no fp32 detour)."""
+def build_pipeline(family: str, dtype, device: str = "cpu"):
+    """The family's pipeline from its configs, random weights, built directly in `dtype` (no fp32 detour); on
+    `meta`, only the shapes (for planning)."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -92,24 +95,26 @@ def build_pipeline(family: str, dtype):
                                           str(ROOT / "assets/tokenizer/merges.txt"), pad_token=pad,
                                           model_max_length=77)
     text = lambda cfg: CLIPTextConfig(**cfg, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    scheduler = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         torch.manual_seed(0)
-        unet = UNet2DConditionModel(**UNET[family])
-        vae = AutoencoderKL(**VAE, **VAE_FAMILY[family])
-        scheduler = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-        if family == "sdxl":
-            return StableDiffusionXLPipeline(
-                unet=unet, vae=vae, text_encoder=CLIPTextModel(text(CLIP_L)), tokenizer=tokenizer("<|endoftext|>"),
-                text_encoder_2=CLIPTextModelWithProjection(text(CLIP_BIG_G)), tokenizer_2=tokenizer("!"),
-                scheduler=EulerDiscreteScheduler(**scheduler, timestep_spacing="leading", steps_offset=1))
-        return StableDiffusionPipeline(
-            unet=unet, vae=vae, text_encoder=CLIPTextModel(text(CLIP_L)), tokenizer=tokenizer("<|endoftext|>"),
-            scheduler=DDIMScheduler(**scheduler, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        with torch.device(device):
+            models = dict(unet=UNet2DConditionModel(**UNET[family]), vae=AutoencoderKL(**VAE, **VAE_FAMILY[family]),
+                          text_encoder=CLIPTextModel(text(CLIP_L)))
+            if family == "sdxl":
+                models["text_encoder_2"] = CLIPTextModelWithProjection(text(CLIP_BIG_G))
     finally:
         torch.set_default_dtype(previous)
+    if family == "sdxl":
+        return StableDiffusionXLPipeline(
+            **models, tokenizer=tokenizer("<|endoftext|>"), tokenizer_2=tokenizer("!"),
+            scheduler=EulerDiscreteScheduler(**scheduler, timestep_spacing="leading", steps_offset=1))
+    return StableDiffusionPipeline(
+        **models, tokenizer=tokenizer("<|endoftext|>"),
+        scheduler=DDIMScheduler(**scheduler, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def _rss_bytes(field: str) -> int:
@@ -151,6 +156,7 @@ class Peak:
 def place_encoders_as_a_gpu_does(base, peak: Peak) -> dict:
     """On the CPU, make `text_encoders_on_device(False)` free the encoders (see the module's docstring).
     Returns a dict that gets `before_gb` (the peak up to that moment) and `encoders_gb`."""
+    from zipq_core.base import free_device_memory
     from zipq_core.plan import _module_bytes, _text_encoders
 
     if base.device.type != "cpu":
@@ -165,6 +171,7 @@ def place_encoders_as_a_gpu_does(base, peak: Peak) -> dict:
             moved["encoders_gb"] = sum(_module_bytes(m) for m in _text_encoders(base.pipe)) / GB
             for encoder in _text_encoders(base.pipe):
                 encoder.to("meta")
+            free_device_memory()  # what the product does after moving them on a GPU
             peak.reset()
 
     base.text_encoders_on_device = place
@@ -202,18 +209,50 @@ def _random_adapter(base, cfg, seed: int):
     return Adapter(layers, use_dora=True, info={"kind": "subject", "token": "sks"})
 
 
+def settings(family: str, stage: str, mode: str, resolution: int):
+    """The row's configs: the family defaults a GPU user gets, two steps."""
+    from zipq_core import TrainConfig
+    from zipq_core.config import GenerateConfig, MergeConfig
+
+    train = TrainConfig.for_family(FAMILY[family], class_noun="thing", steps=2, resolution=resolution,
+                                   quantize_base="none" if mode in ("bf16", "fp16") else mode)
+    merge = MergeConfig.for_family(FAMILY[family], method="zipq", steps=2)
+    generate = GenerateConfig(prompt="a photo of sks thing", steps=2, width=resolution, height=resolution)
+    return train, merge, generate
+
+
+def plan_row(base, stage: str, mode: str, resolution: int):
+    """The planner's estimate for a row on `base` (a measured one, or the same pipeline on `meta`)."""
+    from zipq_core.plan import plan_memory
+
+    train, merge, generate = settings(base.spec.split("-")[0], stage, mode, resolution)
+    return plan_memory(base, stage, train=train, merge=merge, generate=generate,
+                       encoders_on_device=stage == "generate", images=2)
+
+
+def meta_base(family: str, kind: str):
+    """The family's pipeline with `meta` weights (nothing allocated), for planning rows without running them."""
+    import torch
+
+    from zipq_core.base import BaseModel
+
+    dtype = torch.bfloat16 if kind == "cpu" else torch.float16
+    pipe = build_pipeline(family, dtype, "meta")
+    return BaseModel(spec=f"{family}-random", pipe=pipe, arch=FAMILY[family], device=torch.device(kind),
+                     dtype=dtype, lock=None)
+
+
 def measure(family: str, stage: str, mode: str, resolution: int) -> dict:
     """One row, in this process."""
     import torch
 
-    from zipq_core import TrainConfig, load_adapter
+    from zipq_core import load_adapter
     from zipq_core.adapters import save_adapter, save_training_views
     from zipq_core.base import BaseModel, pick_device
-    from zipq_core.config import GenerateConfig, MergeConfig
     from zipq_core.data import DataConfig, prepare_images
     from zipq_core.generation import generate
     from zipq_core.merge import merge_adapters
-    from zipq_core.plan import ACTIVATION_FACTOR, AllocationCounter, _text_encoders, plan_memory
+    from zipq_core.plan import AllocationCounter, _text_encoders
     from zipq_core.train import train_adapter
 
     device = pick_device()
@@ -221,12 +260,8 @@ def measure(family: str, stage: str, mode: str, resolution: int) -> dict:
     dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.get_device_capability() >= (8, 0) else torch.float16
     base = BaseModel.from_pipeline(f"{family}-random", build_pipeline(family, dtype), device, dtype)
     base.reload_unet = lambda: None  # QDoRA would reload from disk after the run: the row ends before
-    train_cfg = TrainConfig.for_family(base.family, class_noun="thing", steps=2, resolution=resolution,
-                                       quantize_base="none" if mode in ("bf16", "fp16") else mode)
-    merge_cfg = MergeConfig.for_family(base.family, method="zipq", steps=2)
-    gen_cfg = GenerateConfig(prompt="a photo of sks thing", steps=2, width=resolution, height=resolution)
-    plan = plan_memory(base, stage, train=train_cfg, merge=merge_cfg, generate=gen_cfg,
-                       encoders_on_device=stage == "generate", images=2)
+    train_cfg, merge_cfg, gen_cfg = settings(family, stage, mode, resolution)
+    plan = plan_row(base, stage, mode, resolution)
     times: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -271,10 +306,25 @@ def measure(family: str, stage: str, mode: str, resolution: int) -> dict:
             "measured_peak_gb": round(held, 3), "allocated_peak_gb": round(used, 3),
             "planned_peak_gb": round(plan.peak_gb, 3), "s_per_step": step,
             "encoders_off_device_gb": round(moved.get("encoders_gb", 0.0), 3),
-            # the plan's parts, so that --fit can refit its constants without rerunning a row
-            "plan_fixed_gb": round(plan.weights_gb + plan.adapter_gb, 4),
-            "plan_counted_activations_gb": round(plan.activations_gb / ACTIVATION_FACTOR[device.type], 4),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"}
+
+
+def counts(row: dict) -> tuple[float, float, float]:
+    """(weights + adapter, activations, allocated tensors) the planner counts for a row at its peak moment, with its
+    constants as they are now: replayed on `meta` weights, so rows measured earlier are re-planned without rerunning
+    them."""
+    from zipq_core import plan
+
+    kind = "cpu" if row["device"].startswith("cpu") else "cuda"
+    key = (row["family"], kind)
+    if key not in _META:
+        _META[key] = meta_base(row["family"], kind)
+    needs = plan_row(_META[key], row["stage"], row["mode"], row["resolution"])
+    fixed = needs.weights_gb + needs.adapter_gb
+    return fixed, needs.activations_gb / plan.ACTIVATION_FACTOR[kind], needs.peak_gb
+
+
+_META: dict = {}
 
 
 def fit(rows: list[dict]) -> dict:
@@ -284,25 +334,41 @@ def fit(rows: list[dict]) -> dict:
     used = [r for r in rows if r.get("role") == "fit"]
     if len(used) < 3:
         raise SystemExit("--fit needs at least three fit rows in the file: run with --role fit first")
-    a = np.array([[r["plan_counted_activations_gb"], r["plan_fixed_gb"], 1.0] for r in used])
-    y = np.array([r["measured_peak_gb"] - r["plan_fixed_gb"] for r in used])
+    parts = [counts(r) for r in used]
+    a = np.array([[activations, fixed, 1.0] for fixed, activations, _ in parts])
+    y = np.array([r["measured_peak_gb"] - fixed for r, (fixed, _, _) in zip(used, parts)])
     (factor, slack, overhead), *_ = np.linalg.lstsq(a, y, rcond=None)
     return {"ACTIVATION_FACTOR": round(float(factor), 3), "WEIGHT_SLACK": round(float(slack), 3),
             "OVERHEAD_GB": round(float(overhead), 3), "rows": len(used)}
 
 
 def report(rows: list[dict]) -> list[dict]:
-    """Every row's plan under the constants in the code now, and its error against the measurement."""
-    from zipq_core.plan import ACTIVATION_FACTOR, OVERHEAD_GB, WEIGHT_SLACK
-
+    """Every row's plan under the planner as it is now, and its error against the measurement."""
     for r in rows:
-        kind = "cuda" if not r["device"].startswith("cpu") else "cpu"
-        r["planned_peak_gb"] = round(r["plan_fixed_gb"] * (1 + WEIGHT_SLACK[kind]) + OVERHEAD_GB[kind]
-                                     + ACTIVATION_FACTOR[kind] * r["plan_counted_activations_gb"], 3)
+        fixed, activations, r["planned_peak_gb"] = (round(x, 3) for x in counts(r))
         r["plan_error"] = round(r["planned_peak_gb"] / r["measured_peak_gb"] - 1, 3)
-        count = r["plan_fixed_gb"] + r["plan_counted_activations_gb"]
-        r["count_error"] = round(count / r["allocated_peak_gb"] - 1, 3)  # the plan's count, before its constants
+        # the plan's count before its constants, against the tensors the run allocated
+        r["count_error"] = round((fixed + activations) / r["allocated_peak_gb"] - 1, 3)
     return rows
+
+
+# Peak memory targets (GB) of the scored rows: issue "Real scale" (a 12 GB card for SDXL training, 8 GB with nf4).
+TARGETS = {("sdxl", "train", "bf16"): 12, ("sdxl", "train", "nf4"): 8, ("sdxl", "merge", "bf16"): 16,
+           ("sdxl", "generate", "bf16"): 11, **{("sd15", s, m): 6 for s, m in STAGES}}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | stage | base | px | measured peak GB | target | planned GB (error) | tensors GB | s/step |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("role") != "score":
+            continue
+        target = TARGETS.get((r["family"], r["stage"], r["mode"]))
+        met = "" if target is None else (" ✓" if r["measured_peak_gb"] <= target else " ✗")
+        lines.append(f"| {'SDXL' if r['family'] == 'sdxl' else 'SD1.5'} | {r['stage']} | {r['mode']} | "
+                     f"{r['resolution']} | {r['measured_peak_gb']:.2f} | ≤ {target}{met} | {r['planned_peak_gb']:.2f} "
+                     f"({r['plan_error']:+.0%}) | {r['allocated_peak_gb']:.2f} | {r['s_per_step']} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -314,6 +380,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--fit", action="store_true", help="print the planner's constants fitted on FILE's fit rows")
+    parser.add_argument("--markdown", type=Path, help="write the scored rows of FILE as a Markdown table")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -322,6 +389,10 @@ def main() -> None:
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
     if args.fit:
         print(json.dumps(fit(rows)))
+        return
+    if args.markdown:
+        args.markdown.write_text(markdown(report(rows)))
+        args.out.write_text(json.dumps(rows, indent=2))
         return
     done = {(r["family"], r["stage"], r["mode"], r["resolution"]) for r in rows}
     for family, stage, mode, resolution, role in ROWS:

@@ -174,9 +174,9 @@ ADAM_STATE_BYTES = {"adamw": 16, "adamw8bit": 10}  # fp32 factor + fp32 gradient
 # was available to this project's measurements): the count, plus 10 % of the activations for the caching
 # allocator's fragmentation and 0.45 GB for the CUDA context and cuDNN's workspace; refit on a GPU with
 # `bench/real_scale.py --role fit` then `--fit`.
-ACTIVATION_FACTOR = {"cpu": 1.62, "cuda": 1.1}
-WEIGHT_SLACK = {"cpu": 0.088, "cuda": 0.0}  # × (weights + adapter)
-OVERHEAD_GB = {"cpu": 0.194, "cuda": 0.45}
+ACTIVATION_FACTOR = {"cpu": 1.738, "cuda": 1.1}
+WEIGHT_SLACK = {"cpu": 0.087, "cuda": 0.0}  # × (weights + adapter)
+OVERHEAD_GB = {"cpu": 0.173, "cuda": 0.45}
 USABLE_FRACTION = 0.95  # of the device's total memory a job may plan to use
 
 _ACTIVATIONS: dict[tuple, float] = {}
@@ -251,19 +251,26 @@ def plan_memory(base, stage: str, *, train: TrainConfig | None = None, merge: Me
     encoders = sum(_module_bytes(m) for m in _text_encoders(pipe))
     vae = _module_bytes(pipe.vae)
     # A stage's moments, (what, weights, adapter, activations): its peak is the largest. Prompts are encoded with
-    # the text encoders on the device, then they leave it (on a GPU) before the VAE encodes the images; a QDoRA
-    # base is quantized after that.
+    # the text encoders on the device, then they leave it (on a GPU) before the VAE encodes the images. A QDoRA
+    # base is quantized before either (after the class images, which the float base draws).
     float_unet = _module_bytes(pipe.unet)
     factor = _latent_factor(pipe.vae)
     kept = vae + (encoders if encoders_on_device else 0)
     if stage == "train":
         cfg = train or TrainConfig()
+        unet = _module_bytes(pipe.unet, quantize=cfg.quantize_base)
         adapter = _adapter_params(pipe.unet, cfg) * ADAM_STATE_BYTES[cfg.optimizer]
-        moments = [("encoding prompts", float_unet + vae + encoders, 0, 0.0),
-                   ("encoding images", float_unet + kept, 0, _encode_activations(pipe.vae, cfg.resolution, images)),
-                   ("training", _module_bytes(pipe.unet, quantize=cfg.quantize_base) + kept, adapter,
+        moments = [("encoding prompts", unet + vae + encoders, 0, 0.0),
+                   ("encoding images", unet + kept, 0, _encode_activations(pipe.vae, cfg.resolution, images)),
+                   ("training", unet + kept, adapter,
                     _activations(pipe.unet, "train", cfg.batch_size * (2 if cfg.prior_preservation else 1),
                                  cfg.resolution, cfg.resolution, cfg.gradient_checkpointing, cfg, factor))]
+        if cfg.quantize_base != "none":  # the base as loaded, before its UNet is quantized
+            moments.append(("quantizing the UNet", float_unet + vae + encoders, 0, 0.0))
+        if cfg.prior_preservation:
+            moments.append(("drawing class images", float_unet + vae + encoders, 0,
+                            _activations(pipe.unet, "generate", 2, cfg.resolution, cfg.resolution, False, None,
+                                         factor)))
         lower = "lower the resolution or the rank, train on a quantized base (QDoRA nf4) or turn on gradient " \
                 "checkpointing"
     elif stage == "merge":

@@ -119,7 +119,7 @@ def test_checkpointing_and_quantizing_lower_the_plan_on_a_full_size_unet():
         cfg = TrainConfig.for_family("sd1", class_noun="thing", resolution=512, **extra)
         plans[name] = plan.plan_memory(base, "train", train=cfg, device_gb=12, images=1)
     assert plans["checkpointed"].activations_gb < plans["plain"].activations_gb / 2
-    assert plans["nf4"].peak_gb <= plans["checkpointed"].peak_gb
+    assert plans["nf4"].peak_gb < plans["checkpointed"].peak_gb - 0.3  # its linear layers in 4 bits throughout
 
 
 def test_cli_plan_prints_the_plan_and_trains_nothing(subject_dir, tmp_path, capsys):

@@ -157,3 +157,26 @@ def test_int8_adapter_file_is_small_and_close(mini, subject_dir, tmp_path):
         assert ((other.down - layer.down).abs() <= int8_error_bound(layer.down, 0) + 1e-7).all()
         assert ((other.up - layer.up).abs() <= int8_error_bound(layer.up, 1) + 1e-7).all()
         assert torch.allclose(other.magnitude, layer.magnitude, rtol=1e-3)
+
+
+def test_an_int8_adapter_is_never_taken_for_a_standard_lora(mini, subject_dir, tmp_path):
+    """Its own file name and header: diffusers finds no LoRA file in the folder and says so, instead of loading
+    int8 codes as weights; the project reads it back, and the folder's float file stays the standard one."""
+    from diffusers import DiffusionPipeline
+    from safetensors import safe_open
+
+    from zipq_core.adapters import INT8_WEIGHTS_NAME, WEIGHTS_NAME
+    from zipq_core.base import MINI_DIR
+
+    cfg = TrainConfig(class_noun="thing", steps=2)
+    images = prepare_images(subject_dir, cfg.instance_prompt, DataConfig(), token=cfg.token)
+    list(train_adapter(mini, images, cfg, tmp_path / "f"))
+    path = save_adapter(load_adapter(tmp_path / "f"), tmp_path / "q", storage="int8")
+    assert path.name == INT8_WEIGHTS_NAME and not (tmp_path / "q" / WEIGHTS_NAME).exists()
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+    assert "lora_adapter_metadata" not in header and header["format"] == "zipq-int8"
+    assert load_adapter(tmp_path / "q").info["storage"] == "int8"
+    pipe = DiffusionPipeline.from_pretrained(str(MINI_DIR), local_files_only=True)
+    with pytest.raises(ValueError, match="Invalid LoRA checkpoint"):  # refused, not loaded as weights
+        pipe.load_lora_weights(str(tmp_path / "q"))

@@ -90,7 +90,8 @@ def test_run_whole_flow_button(client):
 def test_cancel_stops_a_training_and_keeps_it_resumable(client):
     session = client.predict(api_name="/new_session")
     client.predict(session, "heart", "zigzag", api_name="/load_examples")
-    client.predict(session, "subject", "dora", "none", False, 4, 5000, 1e-3, 64, False, 0, api_name="/train")
+    # Long enough to cancel mid-way, well inside the default per-job budget even on a slow or busy machine.
+    client.predict(session, "subject", "dora", "none", False, 4, 2000, 1e-3, 64, False, 0, api_name="/train")
     deadline = time.time() + 60
     while time.time() < deadline:
         job = client.predict(session, api_name="/job_status")["jobs"][-1]
@@ -99,13 +100,13 @@ def test_cancel_stops_a_training_and_keeps_it_resumable(client):
         time.sleep(0.2)
     assert "Cancelling 1 job" in client.predict(session, "train", api_name="/cancel")
     job = wait_jobs(client, session, timeout=30)[-1]
-    assert job["status"] == "cancelled" and 2 <= job["step"] < 5000
+    assert job["status"] == "cancelled" and 2 <= job["step"] < 2000
     assert job["artifacts"]["adapter"] == "adapters/subject"  # the adapter so far was saved
     # Resume takes the settings the training began with, whatever the form says now (here: 10 steps).
     msg = client.predict(session, "subject", "dora", "none", False, 4, 10, 1e-3, 64, False, 0, api_name="/resume")
     assert msg.startswith("Resuming with the settings it started with")
     job = client.predict(session, api_name="/job_status")["jobs"][-1]
-    assert job["label"] == "resume subject" and job["total"] in (0, 5000)
+    assert job["label"] == "resume subject" and job["total"] in (0, 2000)
     client.predict(session, "all", api_name="/cancel")
     wait_jobs(client, session, timeout=30)
 

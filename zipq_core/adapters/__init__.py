@@ -6,6 +6,7 @@ from .apply import Phases, applied, applied_phases, resolve_module
 from .folder import (
     CHECKPOINT_DIR,
     INT8_DIR,
+    INT8_WEIGHTS_NAME,
     PARTS_DIR,
     SIDECAR_NAME,
     TRAIN_IMAGES_DIR,
@@ -31,6 +32,7 @@ __all__ = [
     "resolve_module",
     "CHECKPOINT_DIR",
     "INT8_DIR",
+    "INT8_WEIGHTS_NAME",
     "PARTS_DIR",
     "SIDECAR_NAME",
     "TRAIN_IMAGES_DIR",

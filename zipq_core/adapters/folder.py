@@ -29,8 +29,12 @@ from .int8 import INT8_FLAG, LAYOUT_KEY, dequantize_state_dict, quantize_state_d
 from .layer import Adapter, LoraLayer
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+# An INT8 adapter is this project's own format (no other tool dequantizes it): a name and a header that no tool
+# takes for a standard LoRA file. `python -m zipq_core export` turns it into a file other tools read.
+INT8_WEIGHTS_NAME = "zipq_int8_adapter.safetensors"
 SIDECAR_NAME = "adapter.json"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' key in the safetensors header
+OWN_METADATA_KEY = "zipq.lora_config"  # the same facts in a file only this project reads
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"  # what peft's save_pretrained writes
 TRAIN_IMAGES_DIR = "train_images"
 CHECKPOINT_DIR = "checkpoints"
@@ -110,13 +114,15 @@ def save_adapter(adapter: Adapter, out_dir: str | Path, dtype: torch.dtype = tor
             raise ZipqError(f"Refusing to save: {name} holds non-finite values (the training diverged; "
                             "lower the learning rate).")
     info = dict(adapter.info)
-    metadata = {"format": "pt", METADATA_KEY: json.dumps(lora_metadata(adapter), sort_keys=True)}
+    config = json.dumps(lora_metadata(adapter), sort_keys=True)
+    metadata = {"format": "pt", METADATA_KEY: config}
+    path = out / WEIGHTS_NAME
     if storage == "int8":
         tensors, layout = quantize_state_dict(tensors)
-        metadata.update({INT8_FLAG: "1", LAYOUT_KEY: layout})
+        metadata = {"format": "zipq-int8", OWN_METADATA_KEY: config, INT8_FLAG: "1", LAYOUT_KEY: layout}
         info["storage"] = "int8"
+        path = out / INT8_WEIGHTS_NAME
     metadata["zipq.info"] = header_info(info)
-    path = out / WEIGHTS_NAME
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)  # never leave a half-written adapter where a loader would find it
@@ -128,7 +134,7 @@ def find_weights_file(source: str | Path) -> Path:
     """An adapter folder or file → the safetensors file to read."""
     path = Path(source).expanduser()
     if path.is_dir():
-        for name in (WEIGHTS_NAME, PEFT_WEIGHTS_NAME):
+        for name in (WEIGHTS_NAME, PEFT_WEIGHTS_NAME, INT8_WEIGHTS_NAME):
             if (path / name).exists():
                 return path / name
         candidates = sorted(path.glob("*.safetensors"))
@@ -170,14 +176,15 @@ def load_adapter(source: str | Path) -> Adapter:
     except Exception as e:
         raise ZipqError(f"{path.name} is not a readable safetensors file: {e}") from e
     tensors = dequantize_state_dict(tensors, header)  # INT8 adapters dequantize on load
-    config = json.loads(header.get(METADATA_KEY, "{}") or "{}")
+    config = json.loads(header.get(METADATA_KEY) or header.get(OWN_METADATA_KEY) or "{}")
     info = json.loads(header.get("zipq.info", "{}") or "{}")
     sidecar = path.parent / SIDECAR_NAME
-    if sidecar.exists() and path.name == WEIGHTS_NAME:
+    if sidecar.exists() and path.name in (WEIGHTS_NAME, INT8_WEIGHTS_NAME):
         info = json.loads(sidecar.read_text())
     if any(k.startswith("lora_unet_") or k.startswith("lora_te") for k in tensors):
-        raise ZipqError(f"{path.name} is a kohya/A1111 file: convert it with `python -m zipq_core export` "
-                        "or load it through the merge tab's import (kohya import).")
+        raise ZipqError(f"{path.name} is a kohya/A1111 LoRA; this version reads adapters in the diffusers or peft "
+                        "layout only (a folder with pytorch_lora_weights.safetensors or adapter_model.safetensors). "
+                        "Use an adapter trained here, or convert the file to the diffusers layout first.")
     parts: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
     for key, tensor in tensors.items():
         module, kind = _split_key(key)

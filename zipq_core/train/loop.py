@@ -308,15 +308,18 @@ def train_adapter(base: BaseModel, images: ImageSet, cfg: TrainConfig, out_dir: 
     with base.lock, out_of_memory("lower the resolution, the rank or the batch, or train on a quantized base "
                                   "(QDoRA nf4)"):
         started = time.time()
-        micro = [t.micro_conditioning() for t in images.images] if cfg.aspect_buckets else None
-        data = _encode_set(base, [t.image for t in images.images], [t.caption for t in images.images], cfg, micro)
-        prior = None
-        if cfg.prior_preservation:
-            class_views = class_images(base, cfg, out_dir / "class_images")
-            prior = _encode_set(base, class_views, [cfg.class_prompt] * len(class_views), cfg)
-        base.text_encoders_on_device(False)  # every prompt is encoded: the UNet gets the device to itself
-        scheduler = _noise_scheduler(base)
+        # Class images come from the float base; then a QDoRA base is quantized before anything else is encoded,
+        # so the float UNet never sits beside the text encoders or the VAE's activations.
+        class_views = class_images(base, cfg, out_dir / "class_images") if cfg.prior_preservation else None
         with _borrowed_unet(base, cfg) as unet:
+            micro = [t.micro_conditioning() for t in images.images] if cfg.aspect_buckets else None
+            data = _encode_set(base, [t.image for t in images.images], [t.caption for t in images.images], cfg,
+                               micro)
+            prior = None
+            if class_views is not None:
+                prior = _encode_set(base, class_views, [cfg.class_prompt] * len(class_views), cfg)
+            base.text_encoders_on_device(False)  # every prompt is encoded: the UNet gets the device to itself
+            scheduler = _noise_scheduler(base)
             run = _start_run(unet, cfg, out_dir, resume)
             finish = lambda elapsed: _finish(unet, cfg, out_dir, run.curve, run.step, info, base,
                                              time.time() - started - elapsed, elapsed)

@@ -29,6 +29,7 @@ from typing import Literal
 
 import torch
 
+from ..base import free_device_memory
 from ..errors import ZipqError
 
 Mode = Literal["int8", "nf4"]
@@ -147,6 +148,7 @@ def quantized_unet(base, mode: Mode) -> Iterator[torch.nn.Module]:
     two full UNets at once. The adapter trained on the quantized base has the usual float factors.
     """
     unet = quantize_unet(base.pipe.unet, mode, base.device)
+    free_device_memory()  # the float weights just replaced
     try:
         with patched_peft_dequantize():
             yield unet
