@@ -328,7 +328,7 @@ _META: dict = {}
 
 
 def fit(rows: list[dict]) -> dict:
-    """The planner's constants by least squares on the fit rows: measured − fixed = a·counted + s·fixed + b."""
+    """The planner's constants by least squares on the fit rows: measured − fixed = a·counted + s·fixed + b, b ≥ 0."""
     import numpy as np
 
     used = [r for r in rows if r.get("role") == "fit"]
@@ -338,6 +338,9 @@ def fit(rows: list[dict]) -> dict:
     a = np.array([[activations, fixed, 1.0] for fixed, activations, _ in parts])
     y = np.array([r["measured_peak_gb"] - fixed for r, (fixed, _, _) in zip(used, parts)])
     (factor, slack, overhead), *_ = np.linalg.lstsq(a, y, rcond=None)
+    if overhead < 0:  # no memory is negative: without the constant then
+        (factor, slack), *_ = np.linalg.lstsq(a[:, :2], y, rcond=None)
+        overhead = 0.0
     return {"ACTIVATION_FACTOR": round(float(factor), 3), "WEIGHT_SLACK": round(float(slack), 3),
             "OVERHEAD_GB": round(float(overhead), 3), "rows": len(used)}
 

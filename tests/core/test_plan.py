@@ -84,9 +84,9 @@ def test_the_merge_plan_is_what_a_learned_merge_allocates(mini, subject_dir, sty
 
 
 def test_a_job_that_cannot_fit_is_refused_naming_what_to_lower(mini):
-    needs = plan.plan_memory(mini, "train", train=TrainConfig.for_family("mini", class_noun="thing"), device_gb=0.2)
+    needs = plan.plan_memory(mini, "train", train=TrainConfig.for_family("mini", class_noun="thing"), device_gb=0.02)
     assert not needs.fits
-    with pytest.raises(ZipqError, match=r"needs about .* GB of 0.2 GB while .*more than this GPU has: lower the "
+    with pytest.raises(ZipqError, match=r"needs about .* GB of 0.02 GB while .*more than this GPU has: lower the "
                                         r"resolution or the rank"):
         plan.check_fits(needs)
     roomy = plan.plan_memory(mini, "train", train=TrainConfig.for_family("mini", class_noun="thing"), device_gb=80)

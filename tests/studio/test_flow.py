@@ -115,7 +115,7 @@ def test_examples_ship_images_and_captions():
 def test_a_job_that_cannot_fit_the_gpu_is_refused_before_it_queues(studio, monkeypatch):
     session = studio.new_session()
     studio.load_examples(session, "heart", "zigzag")
-    monkeypatch.setattr(plan, "device_memory_gb", lambda device: 0.1)  # a 0.1 GB "GPU"
+    monkeypatch.setattr(plan, "device_memory_gb", lambda device: 0.02)  # a 20 MB "GPU"
     with pytest.raises(ZipqError, match="more than this GPU has: lower the resolution or the rank"):
         studio.submit_training(session, TrainForm(which="subject", steps=20, resolution=64))
     with pytest.raises(ZipqError, match="more than this GPU has: generate fewer images at once"):
