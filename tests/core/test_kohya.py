@@ -71,3 +71,40 @@ def test_foreign_names_are_explained(tiny_sd1_dir, tmp_path):
               str(tmp_path / "x.safetensors"))
     with pytest.raises(ZipqError, match="do not match"):
         import_kohya(tmp_path / "x.safetensors", load_base(str(tiny_sd1_dir)))
+
+
+def test_a_file_with_layers_of_several_ranks_and_scales_reads_right_in_diffusers(tiny_sd1_dir, tmp_path):
+    """A merge's layers differ in rank (subject and style side by side where both adapt a layer). diffusers' kohya
+    converter reads one rank and one alpha for all layers (before: the minority's change at alpha/r of the majority,
+    half or double); the export writes one rank and alpha = rank everywhere, zero-padded, scales folded in."""
+    from diffusers import DiffusionPipeline
+
+    from zipq_core.adapters import Adapter, fuse_weight
+
+    from helpers import random_layer
+
+    base = load_base(str(tiny_sd1_dir))
+    layers = {}
+    for i, (name, module) in enumerate((n, m) for n, m in base.unet.named_modules()
+                                       if n.endswith(("to_q", "to_k", "to_v")) and isinstance(m, torch.nn.Linear)):
+        layer = random_layer(*module.weight.shape, 8 if i % 3 == 0 else 4, False, seed=i)
+        layer.scale = 1.0 if i % 2 else 0.5
+        layers[f"unet.{name}"] = layer
+    adapter = Adapter(layers, use_dora=False)
+    report = export_kohya(adapter, base, tmp_path / "mixed.safetensors", dtype=torch.float32)
+    with safe_open(str(report.path), framework="pt") as f:
+        ranks = {f.get_tensor(k).shape[0] for k in f.keys() if k.endswith("lora_down.weight")}
+        alphas = {float(f.get_tensor(k)) for k in f.keys() if k.endswith(".alpha")}
+    assert ranks == {8} and alphas == {8.0}
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_sd1_dir), local_files_only=True)
+    originals = {key: pipe.unet.get_submodule(key[5:]).weight.detach().clone() for key in layers}
+    pipe.load_lora_weights(str(report.path))
+    pipe.fuse_lora()
+    for key, layer in layers.items():
+        ours = fuse_weight(originals[key], [(layer, 1.0)])
+        theirs = pipe.unet.get_submodule(key[5:]).weight.detach().float()
+        assert (theirs - ours).norm() <= 0.01 * (ours - originals[key]).norm(), key  # the issue's 1 % bound
+    back = import_kohya(report.path, base)
+    for key, layer in layers.items():
+        w0 = originals[key].float()
+        assert torch.allclose(fuse_weight(w0, [(back.layers[key], 1.0)]), fuse_weight(w0, [(layer, 1.0)]), atol=1e-5)

@@ -10,6 +10,7 @@ so this module writes the keys itself.
 
 from __future__ import annotations
 
+import collections
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,10 +70,15 @@ def export_kohya(adapter: Adapter, base, out_file: str | Path, bake: bool = Fals
     tensors: dict[str, torch.Tensor] = {}
     worst = 0.0
     dora = adapter.use_dora and not bake
+    layers = {}
     for key, layer in sorted(adapter.layers.items()):
         if bake and layer.magnitude is not None:
             layer, err = _bake(base.pipe, key, layer)
             worst = max(worst, err)
+        layers[key] = layer
+    if len({(layer.rank, layer.scale) for layer in layers.values()}) > 1:
+        layers = {key: _uniform(layer, max(x.rank for x in layers.values())) for key, layer in layers.items()}
+    for key, layer in layers.items():
         name = kohya_name(key, base.arch)
         tensors[f"{name}.lora_down.weight"] = layer.down.to(dtype).contiguous()
         tensors[f"{name}.lora_up.weight"] = layer.up.to(dtype).contiguous()
@@ -81,13 +87,27 @@ def export_kohya(adapter: Adapter, base, out_file: str | Path, bake: bool = Fals
             shape = (-1, 1, 1, 1) if layer.down.dim() == 4 else (-1, 1)
             tensors[f"{name}.dora_scale"] = layer.magnitude.view(shape).to(dtype).contiguous()
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata=_kohya_metadata(adapter, base, dora))
+    save_file(tensors, str(out), metadata=_kohya_metadata(adapter, base, dora, list(layers.values())))
     return ExportReport(out, len(adapter.layers), bake and adapter.use_dora, worst)
 
 
-def _kohya_metadata(adapter: Adapter, base, dora: bool) -> dict[str, str]:
-    rank = adapter.rank
-    alpha = next(iter(adapter.layers.values())).scale * rank
+def _uniform(layer: LoraLayer, rank: int) -> LoraLayer:
+    """The layer at `rank` with scale 1: its scale folded into `up`, zero rows and columns added. The same ΔW.
+
+    A file whose layers differ in rank or alpha (a merge: subject and style ranks side by side where both adapt
+    a layer) is read with one rank and one alpha for all layers by diffusers' kohya converter (the minority's
+    alphas ignored: their change at the wrong scale); one rank and alpha = rank everywhere reads right in every
+    tool."""
+    pad = rank - layer.rank
+    down = torch.cat([layer.down, layer.down.new_zeros(pad, *layer.down.shape[1:])])
+    up = layer.up * layer.scale
+    up = torch.cat([up, up.new_zeros(up.shape[0], pad, *up.shape[2:])], dim=1)
+    return LoraLayer(down, up, 1.0, layer.magnitude)
+
+
+def _kohya_metadata(adapter: Adapter, base, dora: bool, written: list[LoraLayer]) -> dict[str, str]:
+    rank = collections.Counter(layer.rank for layer in written).most_common(1)[0][0]
+    alpha = next(layer.scale * layer.rank for layer in written if layer.rank == rank)
     size = base.default_size
     info = adapter.info
     return {
