@@ -384,21 +384,21 @@ class Studio:
         """Queue a merge of the session's subject and style adapters; returns at once."""
         cfg = form.config(self.base.family)
         paths = self.paths(session)
+        made = []  # the two adapters, when they exist already (a merge queued after trainings has none yet)
         if not after:
             for kind in ("subject", "style"):
                 if self._busy(session, f"train-{kind}"):
                     raise ZipqError(f"The {kind} adapter is still training: merge when it is done.")
                 if not paths.has_adapter(kind):
                     raise ZipqError(f"No {kind} adapter yet: train it in the Train tab first.")
-            if cfg.method == "zipq" and not all(load_adapter(paths.adapter(k)).use_dora for k in ("subject", "style")):
+            made = [load_adapter(paths.adapter(k)) for k in ("subject", "style")]
+            if cfg.method == "zipq" and not all(a.use_dora for a in made):
                 raise ZipqError("ZipQDoRA merges two DoRA adapters; these are LoRA: choose ZipLoRA (zip) instead.")
         if self._busy(session, "merge"):
             raise ZipqError("A merge is already queued or running: wait for it or cancel it.")
         estimate = self._within_budget(plan.merge_seconds(self.base, cfg, self.speed), "merge", "lower the steps")
-        made = [load_adapter(paths.adapter(k)) for k in ("subject", "style") if paths.has_adapter(k)] \
-            if not after else []
         needs = self._memory("merge", merge=cfg, train=TrainConfig.for_family(self.base.family),
-                             adapter_params=max(a.num_params() for a in made) if len(made) == 2 else None)
+                             adapter_params=max(a.num_params() for a in made) if made else None)
         self._check_disk(paths)
         return self.registry.submit(session, "merge", functools.partial(self._merge_job, cfg, paths),
                                     label=f"merge ({MERGE_LABELS.get(cfg.method, cfg.method)})", after=after,

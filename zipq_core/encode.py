@@ -62,6 +62,13 @@ def encode_text(base: BaseModel, prompts: list[str], resolution: int) -> Conditi
     return Conditioning(hidden)
 
 
+def encode_captions(base: BaseModel, captions: list[str], resolution: int) -> Conditioning:
+    """One conditioning row per caption, each distinct caption encoded once (training sets repeat them)."""
+    unique = sorted(set(captions))
+    table = encode_text(base, unique, resolution)
+    return table.select(torch.tensor([unique.index(c) for c in captions], device=base.device))
+
+
 def images_to_tensor(images: list[Image.Image], flip: bool = False) -> torch.Tensor:
     """PIL RGB images → [N, 3, H, W] in [-1, 1]."""
     arrays = [np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for im in images]

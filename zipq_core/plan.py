@@ -19,7 +19,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -485,9 +485,24 @@ def _activations(unet: torch.nn.Module, stage: str, batch: int, height: int, wid
     adapter = (cfg.rank, cfg.method, tuple(cfg.target_modules), tuple(cfg.block_prefixes)) if cfg else None
     key = (stage, _config_key(unet.config), str(_float_dtype(unet)), batch, height, width, checkpointing, adapter,
            factor)
+    return _cached_peak(key, lambda: _unet_replay(unet, stage, batch, height, width, checkpointing, cfg, factor))
+
+
+def _cached_peak(key: tuple, replay: Callable[[], _LiveBytes]) -> float:
+    """The peak of a replay, run once per key (the same settings plan the same)."""
     with _FLOPS_LOCK:
         if key in _ACTIVATIONS:
             return _ACTIVATIONS[key]
+    peak = float(replay().peak)
+    with _FLOPS_LOCK:
+        _ACTIVATIONS[key] = peak
+    return peak
+
+
+def _unet_replay(unet: torch.nn.Module, stage: str, batch: int, height: int, width: int, checkpointing: bool,
+                 cfg: TrainConfig | None, factor: int) -> _LiveBytes:
+    """The stage's UNet passes on a meta copy: a training step with the adapter attached, a merge step, or one
+    denoising forward."""
     model = _meta_unet(unet)
     dtype = _float_dtype(unet)
     x, t, text, added = _unet_inputs(model, batch, height, width, dtype, factor)
@@ -510,9 +525,7 @@ def _activations(unet: torch.nn.Module, stage: str, batch: int, height: int, wid
     else:
         with _LiveBytes(_tensors(model)) as live, torch.no_grad():
             model(x, t, encoder_hidden_states=text, added_cond_kwargs=added)
-    with _FLOPS_LOCK:
-        _ACTIVATIONS[key] = float(live.peak)
-    return float(live.peak)
+    return live
 
 
 def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -565,16 +578,15 @@ def _encode_activations(vae: torch.nn.Module, side: int, images: int) -> float:
     """Peak bytes of the VAE encode as `encode.encode_images` runs it (at most a megapixel per chunk)."""
     chunk = max(1, min(8, images, 2**20 // (side * side)))
     key = ("encode", _config_key(vae.config), str(_float_dtype(vae)), side, chunk)
-    with _FLOPS_LOCK:
-        if key in _ACTIVATIONS:
-            return _ACTIVATIONS[key]
-    model, dtype = _vae_meta(vae)
-    x = torch.zeros(chunk, model.config.in_channels, side, side, device="meta", dtype=dtype)
-    with _LiveBytes(_tensors(model)) as live, torch.no_grad():
-        model.encode(x)
-    with _FLOPS_LOCK:
-        _ACTIVATIONS[key] = float(live.peak)
-    return float(live.peak)
+
+    def replay() -> _LiveBytes:
+        model, dtype = _vae_meta(vae)
+        x = torch.zeros(chunk, model.config.in_channels, side, side, device="meta", dtype=dtype)
+        with _LiveBytes(_tensors(model)) as live, torch.no_grad():
+            model.encode(x)
+        return live
+
+    return _cached_peak(key, replay)
 
 
 def _decode_activations(vae: torch.nn.Module, cfg: GenerateConfig) -> float:
@@ -583,16 +595,15 @@ def _decode_activations(vae: torch.nn.Module, cfg: GenerateConfig) -> float:
     side = int(vae.config.get("sample_size") or 512)
     tiled = cfg.width * cfg.height > side * side
     key = ("decode", _config_key(vae.config), str(_float_dtype(vae)), cfg.width, cfg.height, tiled)
-    with _FLOPS_LOCK:
-        if key in _ACTIVATIONS:
-            return _ACTIVATIONS[key]
-    model, dtype = _vae_meta(vae)
-    if tiled:
-        model.enable_tiling()
-    f = _latent_factor(vae)
-    z = torch.zeros(1, model.config.latent_channels, cfg.height // f, cfg.width // f, device="meta", dtype=dtype)
-    with _LiveBytes(_tensors(model)) as live, torch.no_grad():
-        model.decode(z)
-    with _FLOPS_LOCK:
-        _ACTIVATIONS[key] = float(live.peak)
-    return float(live.peak)
+
+    def replay() -> _LiveBytes:
+        model, dtype = _vae_meta(vae)
+        if tiled:
+            model.enable_tiling()
+        f = _latent_factor(vae)
+        z = torch.zeros(1, model.config.latent_channels, cfg.height // f, cfg.width // f, device="meta", dtype=dtype)
+        with _LiveBytes(_tensors(model)) as live, torch.no_grad():
+            model.decode(z)
+        return live
+
+    return _cached_peak(key, replay)

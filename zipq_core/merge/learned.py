@@ -25,7 +25,7 @@ from ..adapters.live import LiveLayer, live_layers
 from ..base import BaseModel
 from ..config import MergeConfig
 from ..data import square_view
-from ..encode import encode_images, encode_text, sample_latents, unet_forward
+from ..encode import encode_captions, encode_images, sample_latents, unet_forward
 from ..errors import ZipqError
 from ..progress import MergeStep, eta
 from .parts import base_norms, scaled_part
@@ -109,15 +109,13 @@ def _concept_views(base: BaseModel, adapter_dir: Path | None, adapter: Adapter,
 def _concept_data(base: BaseModel, views: list[tuple[list, list[str]]], resolution: int) -> list[tuple]:
     """Latent moments and conditioning per concept: every caption first, then the text encoders leave the device
     before the VAE's activations arrive."""
-    tables = [encode_text(base, sorted(set(captions)), resolution) for _, captions in views]
+    conds = [encode_captions(base, captions, resolution) for _, captions in views]
     base.text_encoders_on_device(False)
     data = []
-    for (images, captions), table in zip(views, tables):
+    for (images, _), cond in zip(views, conds):
         if len({im.size for im in images}) > 1:  # aspect buckets: the merge takes centred squares of them
             images = [square_view(im, resolution) for im in images]
-        unique = sorted(set(captions))
-        index = torch.tensor([unique.index(c) for c in captions], device=base.device)
-        data.append((encode_images(base, images).to(base.device), table.select(index)))
+        data.append((encode_images(base, images).to(base.device), cond))
     return data
 
 

@@ -26,7 +26,14 @@ from ..adapters import Adapter, LoraLayer, save_adapter, save_training_views
 from ..base import BaseModel, out_of_memory
 from ..config import TrainConfig
 from ..data import ImageSet
-from ..encode import Conditioning, diffusion_target, encode_images, encode_text, sample_latents, unet_forward
+from ..encode import (
+    Conditioning,
+    diffusion_target,
+    encode_captions,
+    encode_images,
+    sample_latents,
+    unet_forward,
+)
 from ..errors import ZipqError
 from ..progress import TrainStep, eta
 from .checkpoints import (
@@ -66,16 +73,15 @@ def _encode_set(base: BaseModel, images: list[Image.Image], captions: list[str],
     (original size, crop, target size) in place of "a square original at the training resolution"; a centred crop
     of a mirror is the same crop, so a mirror keeps its image's.
     """
-    unique = sorted(set(captions))
-    table = encode_text(base, unique, cfg.resolution)
+    rows = encode_captions(base, captions, cfg.resolution)
     base.text_encoders_on_device(False)
-    sizes = sorted({im.size for im in images})
     groups = []
-    for size in sizes:
-        members = [i for i, im in enumerate(images) if im.size == size] * (2 if cfg.flip else 1)
-        views = [images[i] for i in members[: len(members) // (2 if cfg.flip else 1)]]
+    for size in sorted({im.size for im in images}):
+        own = [i for i, im in enumerate(images) if im.size == size]
+        members = own * (2 if cfg.flip else 1)  # the mirrors after the images, in the same order
+        views = [images[i] for i in own]
         moments = [encode_images(base, views)] + ([encode_images(base, views, flip=True)] if cfg.flip else [])
-        cond = table.select(torch.tensor([unique.index(captions[i]) for i in members], device=base.device))
+        cond = rows.select(torch.tensor(members, device=base.device))
         if micro is not None and cond.time_ids is not None:
             cond.time_ids = torch.tensor([micro[i] for i in members], dtype=cond.time_ids.dtype, device=base.device)
         groups.append((torch.cat(moments).to(base.device), cond))
@@ -318,7 +324,6 @@ def train_adapter(base: BaseModel, images: ImageSet, cfg: TrainConfig, out_dir: 
             prior = None
             if class_views is not None:
                 prior = _encode_set(base, class_views, [cfg.class_prompt] * len(class_views), cfg)
-            base.text_encoders_on_device(False)  # every prompt is encoded: the UNet gets the device to itself
             scheduler = _noise_scheduler(base)
             run = _start_run(unet, cfg, out_dir, resume)
             finish = lambda elapsed: _finish(unet, cfg, out_dir, run.curve, run.step, info, base,
