@@ -19,13 +19,13 @@ run takes them off the device: the peak is the larger of the peak before that mo
 peak after it, and their size is reported as `encoders_off_device_gb`.
 Seconds per step are the time between the first and the second step (the first carries the setup).
 
-The planner's estimate (`zipq_core.plan.plan_memory`) stands beside each measurement. Its two constants per device
-(activation factor, overhead) are fitted by `--fit` on the `fit` rows (other resolutions than the scored ones):
-the scored rows never choose them.
+The planner's estimate (`zipq_core.plan.plan_memory`) stands beside each measurement. Its three constants per device
+(activation factor, weight slack, overhead) are fitted by `--fit` on the `fit` rows (other resolutions than the scored
+ones, smallest worst relative error): the scored rows never choose them.
 
 Usage: python bench/real_scale.py --out FILE [--family sdxl|sd15] [--stage train|merge|generate]
        [--mode bf16|nf4] [--role score|fit]      (rows already in FILE are kept: the run resumes)
-       python bench/real_scale.py --out FILE --fit   (least-squares constants from FILE's fit rows)
+       python bench/real_scale.py --out FILE --fit   (the planner's constants from FILE's fit rows)
        python bench/real_scale.py --out FILE --markdown TABLE.md   (the scored rows as a table, against TARGETS)
 """
 
@@ -309,40 +309,54 @@ def measure(family: str, stage: str, mode: str, resolution: int) -> dict:
             "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"}
 
 
-def counts(row: dict) -> tuple[float, float, float]:
-    """(weights + adapter, activations, allocated tensors) the planner counts for a row at its peak moment, with its
-    constants as they are now: replayed on `meta` weights, so rows measured earlier are re-planned without rerunning
-    them."""
-    from zipq_core import plan
-
+def plan_of(row: dict):
+    """The planner's `MemoryPlan` for a row, with its constants as they are now: replayed on `meta` weights, so rows
+    measured earlier are re-planned without rerunning them."""
     kind = "cpu" if row["device"].startswith("cpu") else "cuda"
     key = (row["family"], kind)
     if key not in _META:
         _META[key] = meta_base(row["family"], kind)
-    needs = plan_row(_META[key], row["stage"], row["mode"], row["resolution"])
-    fixed = needs.weights_gb + needs.adapter_gb
-    return fixed, needs.activations_gb / plan.ACTIVATION_FACTOR[kind], needs.peak_gb
+    return plan_row(_META[key], row["stage"], row["mode"], row["resolution"])
+
+
+def counts(row: dict) -> tuple[float, float, float]:
+    """(weights + adapter, activations before the constants, planned peak) at the row's peak moment."""
+    from zipq_core import plan
+
+    needs = plan_of(row)
+    kind = "cpu" if row["device"].startswith("cpu") else "cuda"
+    return needs.weights_gb + needs.adapter_gb, needs.activations_gb / plan.ACTIVATION_FACTOR[kind], needs.peak_gb
 
 
 _META: dict = {}
 
 
 def fit(rows: list[dict]) -> dict:
-    """The planner's constants by least squares on the fit rows: measured − fixed = a·counted + s·fixed + b, b ≥ 0."""
+    """The planner's constants on the fit rows: the (activation factor, weight slack, overhead ≥ 0) whose planned
+    peaks — each the largest of the row's moments, (1 + slack)·(weights + adapter) + factor·activations + overhead —
+    have the smallest worst relative error against the measured peaks (a grid search: the peak moment itself moves
+    with the constants, so a least-squares fit on one moment per row does not minimise what is scored)."""
     import numpy as np
 
     used = [r for r in rows if r.get("role") == "fit"]
     if len(used) < 3:
         raise SystemExit("--fit needs at least three fit rows in the file: run with --role fit first")
-    parts = [counts(r) for r in used]
-    a = np.array([[activations, fixed, 1.0] for fixed, activations, _ in parts])
-    y = np.array([r["measured_peak_gb"] - fixed for r, (fixed, _, _) in zip(used, parts)])
-    (factor, slack, overhead), *_ = np.linalg.lstsq(a, y, rcond=None)
-    if overhead < 0:  # no memory is negative: without the constant then
-        (factor, slack), *_ = np.linalg.lstsq(a[:, :2], y, rcond=None)
-        overhead = 0.0
-    return {"ACTIVATION_FACTOR": round(float(factor), 3), "WEIGHT_SLACK": round(float(slack), 3),
-            "OVERHEAD_GB": round(float(overhead), 3), "rows": len(used)}
+    moments = [plan_of(r).moments for r in used]
+    width = max(len(m) for m in moments)
+    fixed = np.full((len(used), width), -np.inf)  # a missing moment never wins the max
+    acts = np.zeros((len(used), width))
+    for i, row_moments in enumerate(moments):
+        for j, (_, weights, adapter, activations) in enumerate(row_moments):
+            fixed[i, j], acts[i, j] = weights + adapter, activations
+    measured = np.array([r["measured_peak_gb"] for r in used])
+    factors, slacks, overheads = np.arange(1.0, 3.0, 0.01), np.arange(0.0, 0.4, 0.01), np.arange(0.0, 0.5, 0.02)
+    a, s, b = (x.reshape(-1, 1, 1) for x in np.meshgrid(factors, slacks, overheads, indexing="ij"))
+    planned = ((1 + s) * fixed + a * acts).max(axis=2) + b.reshape(-1, 1)  # (grid, rows)
+    errors = np.abs(planned / measured - 1)
+    best = int(np.lexsort((errors.mean(axis=1), errors.max(axis=1)))[0])
+    return {"ACTIVATION_FACTOR": round(float(a.flat[best]), 3), "WEIGHT_SLACK": round(float(s.flat[best]), 3),
+            "OVERHEAD_GB": round(float(b.flat[best]), 3), "worst_fit_error": round(float(errors[best].max()), 3),
+            "rows": len(used)}
 
 
 def report(rows: list[dict]) -> list[dict]:

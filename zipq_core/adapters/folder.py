@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -123,9 +124,11 @@ def save_adapter(adapter: Adapter, out_dir: str | Path, dtype: torch.dtype = tor
         info["storage"] = "int8"
         path = out / INT8_WEIGHTS_NAME
     metadata["zipq.info"] = header_info(info)
-    tmp = path.with_suffix(".tmp")
+    # never leave a half-written adapter where a loader would find it; the temporary name is the process's own, so
+    # two writers (processes of one launch) never rename each other's file
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)  # never leave a half-written adapter where a loader would find it
+    tmp.replace(path)
     (out / SIDECAR_NAME).write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
     return path
 
