@@ -149,21 +149,9 @@ def detect_arch(pipe) -> Arch:
 
 def detect_single_file_arch(path: Path) -> Arch:
     """Read the architecture of an original-format checkpoint from its key names (no weights are loaded)."""
-    from safetensors import safe_open
+    from .single_file import arch_from_keys, read_shapes
 
-    with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
-    if any(k.startswith("conditioner.embedders.1.") for k in keys):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd1"
-    if any(k.startswith("model.diffusion_model.") for k in keys):
-        raise ZipqError(f"{path.name}: a UNet checkpoint without its text encoder; use a full checkpoint "
-                        "or a diffusers folder.")
-    raise ZipqError(f"{path.name} is not a Stable Diffusion checkpoint (no UNet/text-encoder keys found). "
-                    "Is it a LoRA? Load it as an adapter instead.")
+    return arch_from_keys(path.name, read_shapes(path))
 
 
 def is_offline() -> bool:
@@ -171,7 +159,7 @@ def is_offline() -> bool:
 
 
 def _load_pipeline(spec: str, dtype: torch.dtype):
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DiffusionPipeline
 
     if spec == "mini":
         if not (MINI_DIR / "model_index.json").exists():
@@ -188,13 +176,9 @@ def _load_pipeline(spec: str, dtype: torch.dtype):
     if path.suffix == ".safetensors":
         if not path.exists():
             raise ZipqError(f"Checkpoint file {path} does not exist.")
-        arch = detect_single_file_arch(path)
-        cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
-        try:
-            return cls.from_single_file(str(path), torch_dtype=dtype)
-        except Exception as e:  # diffusers fetches the matching config from the hub on first use
-            raise ZipqError(f"Could not load {path.name} as {arch}: {e}. Single files need the model's config "
-                            "once from the hub (run once online) or use a diffusers folder.") from e
+        from .single_file import load_single_file
+
+        return load_single_file(path, dtype)  # configs read off the file's header: no hub needed
     if "/" not in spec or spec.count("/") > 1:
         raise ZipqError(f"Base model {spec!r} is neither 'mini', an existing folder, a .safetensors file nor a "
                         "hub id like 'stabilityai/stable-diffusion-xl-base-1.0'.")
