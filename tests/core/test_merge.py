@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from zipq_core import TrainConfig, ZipqError, load_adapter, load_base, train_adapter
-from zipq_core.adapters import LoraLayer, applied, fuse_weight
+from zipq_core.adapters import LoraLayer, applied, fuse_weight, resolve_module, save_adapter
 from zipq_core.config import METHODS, MergeConfig
 from zipq_core.data import DataConfig, prepare_images
 from zipq_core.merge import merge_adapters, slider_adapters
 from zipq_core.merge.parts import concat_parts
 
-from helpers import unet_out
+from helpers import random_layer, unet_out
 
 
 def _train(base, folder, kind, token, noun, method, out):
@@ -64,6 +64,30 @@ def test_every_method_saves_a_file_diffusers_reads_exactly(method, adapters, tmp
         merged_file = unet_out(base)
     assert torch.allclose(merged_model, merged_file, atol=1e-4)
     assert not torch.allclose(merged_model, reference, atol=1e-4)
+    pipe = DiffusionPipeline.from_pretrained("assets/mini", local_files_only=True)
+    pipe.load_lora_weights(str(tmp_path / "m"))
+    theirs = unet_out(type("B", (), {"unet": pipe.unet})())
+    assert (theirs - merged_model).abs().max() < 1e-4
+
+
+def test_a_dora_merged_with_a_lora_is_a_file_diffusers_reads_exactly(adapters, tmp_path):
+    """A DoRA subject and a LoRA style (an imported file): peft wants a magnitude on every layer of a DoRA file, so
+    the LoRA's layers carry m = ‖W0 + ΔW‖ — diffusers then reads the merged model, not an error."""
+    from diffusers import DiffusionPipeline
+
+    base, made = adapters
+    subject = load_adapter(made["subject_dora"])
+    style = load_adapter(made["style_lora"])
+    extra = next(name for name, m in base.unet.named_modules()  # a layer only the LoRA adapts
+                 if isinstance(m, torch.nn.Linear) and f"unet.{name}" not in subject.layers)
+    out, inp = resolve_module(base.pipe, f"unet.{extra}").weight.shape
+    style.layers[f"unet.{extra}"] = random_layer(out, inp, 2, dora=False, seed=3)
+    save_adapter(style, tmp_path / "style")
+    list(merge_adapters(base, subject, tmp_path / "style", MergeConfig(method="direct"), tmp_path / "m"))
+    merged = load_adapter(tmp_path / "m")
+    assert merged.use_dora and all(layer.magnitude is not None for layer in merged.layers.values())
+    with applied(base.pipe, slider_adapters(tmp_path / "m", 1.0, 1.0)):
+        merged_model = unet_out(base)
     pipe = DiffusionPipeline.from_pretrained("assets/mini", local_files_only=True)
     pipe.load_lora_weights(str(tmp_path / "m"))
     theirs = unet_out(type("B", (), {"unet": pipe.unet})())

@@ -46,12 +46,19 @@ def concat_parts(w0: torch.Tensor, parts: Sequence[LoraLayer]) -> LoraLayer:
 
 def combine_parts(pipe, subject_part: Adapter, style_part: Adapter, info: dict) -> Adapter:
     """The single standard adapter equal to subject_part + style_part at strength 1."""
+    keys = sorted(set(subject_part.layers) | set(style_part.layers))
+    dora = any(a.layers[k].magnitude is not None for a in (subject_part, style_part) for k in a.layers)
     layers = {}
-    for key in sorted(set(subject_part.layers) | set(style_part.layers)):
+    for key in keys:
         parts = [a.layers[key] for a in (subject_part, style_part) if key in a.layers]
         w0 = resolve_module(pipe, key).weight.data.float()
-        layers[key] = concat_parts(w0, parts)
-    return Adapter(layers=layers, use_dora=any(x.magnitude is not None for x in layers.values()), info=info)
+        layer = concat_parts(w0, parts)
+        if dora and layer.magnitude is None:
+            # a DoRA file (peft, diffusers) has a magnitude on every layer: a plain LoRA layer beside DoRA ones
+            # (a DoRA merged with a LoRA) gets m = ‖W0 + ΔW‖, which gives W0 + ΔW exactly on this base
+            layer.magnitude = row_norm(w0 + layer.delta())
+        layers[key] = layer
+    return Adapter(layers=layers, use_dora=dora, info=info)
 
 
 def base_norms(pipe, keys) -> dict[str, torch.Tensor]:
