@@ -26,6 +26,8 @@ import statistics
 import time
 from pathlib import Path
 
+from common import emit_json  # first: it puts the checkout on the import path
+
 import torch
 from merge_quality import PAIRS, add_recipe_args, merge, run_tasks, sample, score, train
 
@@ -33,8 +35,6 @@ from zipq_core import GenerateConfig, generate, load_adapter
 from zipq_core.config import Sliders
 from zipq_core.generation.rerank import best_of, candidate_seed, evidence, judges_for, standardised, weakest
 from zipq_core.merge import slider_adapters
-
-from common import emit_json  # first: it puts the checkout on the import path
 
 ROUNDS, BATCH, BATCHES = 8, 8, 4  # candidates per image, images per request, requests per run (32 images)
 DETAILS = (0.5, 0.75)

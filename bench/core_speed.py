@@ -19,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
+
 import numpy as np
 from PIL import Image
-
-from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,12 +13,12 @@ import argparse
 import time
 from pathlib import Path
 
+from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
+
 import numpy as np
 import torch
 
 from zipq_mini import evaluator, world
-
-from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
 
 
 def measure(n: int, seed: int, held_out, degraded: bool = False) -> dict[str, float]:

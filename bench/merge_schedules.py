@@ -24,12 +24,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from common import emit_json  # first: it puts the checkout on the import path
+
 from merge_quality import PAIRS, add_recipe_args, merge, run_tasks, sample, score, train
 
 from zipq_core import load_adapter
 from zipq_core.adapters import PARTS_DIR, Adapter
-
-from common import emit_json  # first: it puts the checkout on the import path
 
 Phase = tuple[float, float]  # strength above the hand-off (layout), below it (texture)
 BAR = 0.9  # the issue's bar: ≥ 0.9× the single adapters' fidelities

@@ -23,14 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import emit_json  # first: it puts the checkout on the import path
+
 import torch
 from merge_quality import PAIRS, add_recipe_args, merge, sample, score, train
 
 from zipq_core import load_base
 from zipq_core.merge import slider_adapters
 from zipq_mini.evaluator import load_evaluator
-
-from common import emit_json  # first: it puts the checkout on the import path
 
 GRID = [(1.0, 1.0), (1.25, 1.0), (1.25, 1.25), (1.25, 1.5), (1.5, 1.0), (1.5, 1.25), (1.5, 1.5)]
 METHODS = ("direct", "zipq")

@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
+
 import torch
 
 from zipq_mini import evaluator, pipeline
-
-from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
 
 
 def save_grid(images, prompts, path: str, cols: int = 8) -> None:

@@ -20,13 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
+
 from merge_quality import train  # same training recipe as the merge benchmark
 
 from zipq_core import GenerateConfig, TrainConfig, generate, load_adapter, load_base
 from zipq_mini import world
 from zipq_mini.evaluator import load_evaluator, style_fidelity, subject_fidelity
-
-from common import emit_json  # bench/ is on sys.path when a benchmark runs as a script
 
 STYLE_PROMPT = "a star in zkz style"  # a base subject, so only the style is new
 

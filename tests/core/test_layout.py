@@ -130,3 +130,20 @@ print("ok")
 """
     proc = run_python(code)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def _first_line_importing(tree: ast.Module, prefixes: tuple[str, ...]) -> int | None:
+    lines = [node.lineno for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+             and any((n.name if isinstance(node, ast.Import) else node.module or "").split(".")[0] in prefixes
+                     for n in node.names)]
+    return min(lines, default=None)
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "bench").glob("*.py") if p.name != "common.py"))
+def test_every_benchmark_puts_the_checkout_on_the_path_before_importing_it(script):
+    """`python bench/<name>.py` runs from a fresh checkout: bench/common.py (which puts the checkout on sys.path) is
+    imported before any of the project's packages, at the module's top level."""
+    tree = ast.parse((ROOT / "bench" / script).read_text())
+    project = _first_line_importing(tree, ("zipq_core", "zipq_mini", "studio"))
+    common = _first_line_importing(tree, ("common",))
+    assert project is None or (common is not None and common < project), script
