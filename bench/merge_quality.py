@@ -7,7 +7,9 @@ does on mini (config.Sliders: the strengths, the subject part weaker below the h
 of mini's FamilyDefaults.candidates, picked by the adapters themselves: zipq_core.generation.rerank); `zipq_one` is
 the same with one
 candidate per image, `zipq_constant` the same merge at constant 1/1 (its single file in any other tool);
-`direct_handoff` and `direct_best_of` are the direct merge generated like `zipq_one` and `zipq`. The other
+`direct_handoff` and `direct_best_of` are the direct merge generated like `zipq_one` and `zipq`. `klora` is K-LoRA
+(zipq_core.merge.klora: each layer takes the subject's or the style's change, chosen anew at every step) generated at
+the same compute as `zipq` (same sliders, hand-off and candidates); it has no file, so no file-alone row. The other
 methods generate at constant 1/1 with one candidate. Prints and writes JSON:
 
     methods.<name>.{subject_fidelity, style_fidelity, prompt_adherence, merge_seconds, adapter_bytes, …}
@@ -29,28 +31,28 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import ROOT, emit_json  # first: it puts the checkout on the import path
+
 import torch
 
 from zipq_core import GenerateConfig, TrainConfig, generate, load_adapter, load_base, train_adapter
-from zipq_core.adapters import save_adapter
+from zipq_core.adapters import INT8_WEIGHTS_NAME, save_adapter
 from zipq_core.config import FAMILY_DEFAULTS, MergeConfig, Sliders
 from zipq_core.data import DataConfig, prepare_images
-from zipq_core.merge import merge_adapters, slider_adapters
+from zipq_core.merge import klora_plan, merge_adapters, slider_adapters
 from zipq_mini.evaluator import load_evaluator, prompt_adherence, style_fidelity, subject_fidelity
-
-from common import ROOT, emit_json  # first: it puts the checkout on the import path
 
 EXAMPLES = ROOT / "assets" / "examples"
 PAIRS = [("heart", "hatching"), ("moon", "grid"), ("arrow", "zigzag"), ("bolt", "bullseye"),
          ("heart", "zigzag"), ("moon", "bullseye"), ("arrow", "grid"), ("bolt", "hatching")]
 METHODS = ["subject_only", "style_only", "direct", "direct_handoff", "direct_best_of", "zip", "zipq", "zipq_int8",
-           "zipq_one", "zipq_constant", "ties", "dare", "blora"]
+           "zipq_one", "zipq_constant", "ties", "dare", "blora", "klora"]
 BEST_OF = FAMILY_DEFAULTS["mini"].candidates
 CONSTANT = (Sliders(subject=1.0, style=1.0, subject_detail=1.0), 1)
 APP = (Sliders(), BEST_OF)
 ONE = (Sliders(), 1)
 # How each merged row generates, (sliders, candidates) (the default: CONSTANT), and rows that reuse another's merge.
-SLIDERS = {"zipq": APP, "zipq_int8": APP, "direct_best_of": APP, "zipq_one": ONE, "direct_handoff": ONE}
+SLIDERS = {"zipq": APP, "zipq_int8": APP, "direct_best_of": APP, "zipq_one": ONE, "direct_handoff": ONE, "klora": APP}
 REUSE = {"direct_handoff": "direct", "direct_best_of": "direct", "zipq_one": "zipq", "zipq_constant": "zipq"}
 
 
@@ -65,9 +67,10 @@ def train(base, kind: str, name: str, method: str, steps: int, seed: int, lr: fl
     return out
 
 
-def sample(base, prompt: str, seed: int, count: int, adapters, **options) -> list:
-    """`count` images in batches of 8 (GenerateConfig's batch limit is 16), batch k seeded `seed + k`; `options`
-    are further GenerateConfig fields (handoff, negative_prompt, candidates).
+def sample(base, prompt: str, seed: int, count: int, adapters, schedule=None, **options) -> list:
+    """`count` images in batches of 8 (GenerateConfig's batch limit is 16), batch k seeded `seed + k`; `schedule` is
+    generate's (K-LoRA's per-step choice of layers); `options` are further GenerateConfig fields (handoff,
+    negative_prompt, candidates).
 
     8 images per setting was too few: with the same adapters, the 4-pair mean of ZipQDoRA at seed 0 scored
     0.768 / 0.693 on 8 images and 0.648 / 0.602 on 64 (its sliders had been chosen on those 8).
@@ -76,7 +79,7 @@ def sample(base, prompt: str, seed: int, count: int, adapters, **options) -> lis
     for k, start in enumerate(range(0, count, 8)):
         config = GenerateConfig(prompt=prompt, seed=seed + k, steps=20, num_images=min(8, count - start),
                                 **options)
-        images += generate(base, config, adapters)
+        images += generate(base, config, adapters, schedule=schedule)
     return images
 
 
@@ -106,7 +109,13 @@ def run_pair(base, evaluator, subject: str, style: str, seed: int, args, work: P
     for method in METHODS:
         started = time.time()
         sliders, candidates = SLIDERS.get(method, CONSTANT)
-        if method in ("subject_only", "style_only"):
+        schedule = None
+        if method == "klora":  # no merged file: the two adapters, their layers scored once (merge_seconds)
+            plan = klora_plan(base, dirs["subject_dora"], dirs["style_dora"], sliders)
+            adapters, schedule, seconds = plan.adapters, plan.schedule, time.time() - started
+            size = sum((dirs[f"{c}_dora"] / "pytorch_lora_weights.safetensors").stat().st_size
+                       for c in ("subject", "style"))
+        elif method in ("subject_only", "style_only"):
             kind = method.split("_")[0]
             adapters = [(load_adapter(dirs[f"{kind}_dora"]), 1.0)]
             seconds, size = 0.0, (dirs[f"{kind}_dora"] / "pytorch_lora_weights.safetensors").stat().st_size
@@ -115,13 +124,13 @@ def run_pair(base, evaluator, subject: str, style: str, seed: int, args, work: P
                 merged[method] = merge(base, method, dirs, seed, args, work)
             out, seconds, size = merged[REUSE.get(method, method)]
             adapters = slider_adapters(out, sliders.subject, sliders.style, sliders.subject_detail)
-        images = sample(base, prompt, 1000 * seed, args.images, adapters, candidates=candidates)
+        images = sample(base, prompt, 1000 * seed, args.images, adapters, schedule, candidates=candidates)
         images_of[method] = images
         results[method] = {**score(images, subject, style, evaluator), "merge_seconds": seconds,
                            "adapter_bytes": size}
         results[method]["wall_seconds"] = time.time() - started
     fp16 = save_adapter(load_adapter(dirs["subject_dora"]), work / "subject_fp16", dtype=torch.float16).stat().st_size
-    int8 = (work / "subject_int8" / "pytorch_lora_weights.safetensors").stat().st_size
+    int8 = (work / "subject_int8" / INT8_WEIGHTS_NAME).stat().st_size
     return {"subject": subject, "style": style, "seed": seed, "methods": results, "int8_size_ratio": int8 / fp16,
             **image_difference(images_of["zipq"], images_of["zipq_int8"])}
 

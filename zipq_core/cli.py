@@ -24,6 +24,7 @@ from .errors import ZipqError
 
 # Fields set from other flags or from the base model rather than as flags of their own.
 GENERATE_FROM_BASE = ("width", "height")
+EXPORT_FORMATS = ("comfyui", "forge", "a1111", "diffusers", "kohya", "lycoris", "int8")
 
 
 def _field_type(cls: type, name: str) -> tuple[type, tuple | None]:
@@ -110,31 +111,42 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate images with adapters at chosen strengths")
     _add_base_args(g)
     g.add_argument("--adapter", action="append", default=[],
-                   help="PATH[:STRENGTH], strength 0–1.5 (default 1); repeatable")
+                   help="PATH[:STRENGTH], strength 0–1.5 (default 1); repeatable. PATH: an adapter folder or a "
+                   ".safetensors file of diffusers, peft or kohya/LyCORIS (LoRA, DoRA, LoHa, LoKr)")
     g.add_argument("--merged", default=None,
                    help="a merged adapter folder, generated with its subject and style sliders (below)")
+    g.add_argument("--klora", nargs=2, default=None, metavar=("SUBJECT", "STYLE"),
+                   help="generate with K-LoRA from a subject and a style adapter (folders or files): each layer takes "
+                   "one adapter's change, chosen anew at every step; the sliders (below) set their strengths")
     g.add_argument("--out", required=True, help="image path (several images: name_0.png, name_1.png …)")
     add_config_flags(g, config.GenerateConfig, skip=GENERATE_FROM_BASE)
     g.add_argument("--width", type=int, default=None, help="image width (default: the base model's size)")
     g.add_argument("--height", type=int, default=None, help="image height (default: the base model's size)")
-    add_config_flags(g, config.Sliders, note="with --merged")
+    add_config_flags(g, config.Sliders, note="with --merged or --klora")
+    add_config_flags(g, config.KLoraConfig, note="with --klora")
     _add_plan_arg(g)
 
     m = sub.add_parser("merge", help="merge a subject and a style adapter (zipq, zip, direct, ties, dare, blora)")
     _add_base_args(m)
-    m.add_argument("--subject", required=True, help="subject adapter folder or .safetensors")
-    m.add_argument("--style", required=True, help="style adapter folder or .safetensors")
+    m.add_argument("--subject", required=True, help="subject adapter folder or .safetensors (ours, diffusers, peft, "
+                   "kohya/LyCORIS LoRA, DoRA, LoHa, LoKr)")
+    m.add_argument("--style", required=True, help="style adapter folder or .safetensors (any kind --subject takes)")
     m.add_argument("--out", required=True)
     _add_plan_arg(m)
     add_config_flags(m, config.MergeConfig, decided_elsewhere={"batch_size": "the base family's",
                                                           "gradient_checkpointing": "the base family's"})
 
-    x = sub.add_parser("export", help="write an adapter for other tools: kohya/A1111/ComfyUI, or INT8")
+    x = sub.add_parser("export", help="write an adapter for another tool (ComfyUI, A1111, Forge, diffusers, kohya, "
+                       "LyCORIS) so its math gives the studio's weights within 1 %%, or as INT8")
     _add_base_args(x)
-    x.add_argument("--adapter", required=True, help="adapter folder or .safetensors")
-    x.add_argument("--format", choices=["kohya", "int8"], default="kohya")
-    x.add_argument("--bake", action="store_true", help="kohya: turn DoRA into a plain LoRA (widest compatibility)")
-    x.add_argument("--out", required=True, help="kohya: a .safetensors file; int8: a folder")
+    x.add_argument("--adapter", required=True, help="adapter folder or .safetensors (an INT8 folder too)")
+    # The names of adapters.export.FORMATS (a test keeps them equal; listed here so --help imports no torch).
+    x.add_argument("--format", choices=EXPORT_FORMATS, default="comfyui",
+                   help="the tool that will read the file; DoRA is written in that tool's own form or baked into a "
+                   "plain LoRA per layer (default: comfyui)")
+    x.add_argument("--bake", action="store_true", help="comfyui/forge/lycoris: write DoRA layers as a plain LoRA "
+                   "too (a1111 and kohya always do)")
+    x.add_argument("--out", required=True, help="a .safetensors file; int8: a folder")
 
     e = sub.add_parser("evaluate", help="score images of the offline world: subject / style fidelity and prompt "
                        "adherence (JSON)")
@@ -221,23 +233,32 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     from .generation import generate, load_adapters
     from .merge import slider_adapters
 
+    if args.klora and (args.merged or args.adapter):
+        raise ZipqError("--klora generates from its two adapters alone: leave out --merged and --adapter.")
+    klora_cfg = config.KLoraConfig(**config_values(config.KLoraConfig, args))
     base = load_base(args.base, args.device, args.dtype)
     size = base.default_size
     given = config_values(config.GenerateConfig, args)
-    if "candidates" not in given and args.merged:  # a merge is judged by its parts: the family's best-of-K
+    if "candidates" not in given and (args.merged or args.klora):  # judged by its parts: the family's best-of-K
         given["candidates"] = config.family_defaults(base.family).candidates
     cfg = config.GenerateConfig(**{"width": args.width or size, "height": args.height or size, **given})
     sliders = config.Sliders(**config_values(config.Sliders, args))
-    adapters = load_adapters(args.adapter)
+    adapters = load_adapters(args.adapter, base)
+    schedule = None
     if args.merged:
         adapters += slider_adapters(args.merged, sliders.subject, sliders.style, sliders.subject_detail)
+    if args.klora:
+        from .merge import klora_plan
+
+        plan = klora_plan(base, *args.klora, sliders, klora_cfg)
+        adapters, schedule = plan.adapters, plan.schedule
     if (needs := _memory(args, base, "generate", generate=cfg, adapters=len(adapters),
                          train=config.TrainConfig.for_family(base.family))) is not None:
         return needs
     bar = _Bar(cfg.steps * cfg.candidates, "generate")
     started = time.time()
     try:  # generate reports the true total (one round when no adapter is active, plus judging)
-        images = generate(base, cfg, adapters, on_step=lambda i, n: bar.update_to(i, total=n))
+        images = generate(base, cfg, adapters, on_step=lambda i, n: bar.update_to(i, total=n), schedule=schedule)
     finally:
         bar.close()
     out = Path(args.out)
@@ -250,17 +271,33 @@ def cmd_generate(args: argparse.Namespace) -> dict:
             "candidates": cfg.candidates,
             "adapters": [{"path": a, "strength": s} for a, s in zip(args.adapter, [s[1] for s in adapters])],
             **({"merged": {"path": args.merged, "subject_strength": sliders.subject, "style_strength": sliders.style,
-                           "subject_detail": sliders.subject_detail, "handoff": cfg.handoff}} if args.merged else {})}
+                           "subject_detail": sliders.subject_detail, "handoff": cfg.handoff}} if args.merged else {}),
+            **({"klora": _klora_summary(args.klora, plan.scores, cfg, sliders, klora_cfg)} if args.klora else {})}
+
+
+def _klora_summary(paths: Sequence[str], scores, cfg: config.GenerateConfig, sliders: config.Sliders,
+                   klora_cfg: config.KLoraConfig) -> dict:
+    """The K-LoRA request and how many layers the subject holds at the first and the last step."""
+    from .merge.klora import winners_table
+
+    table = winners_table(scores, cfg.steps, klora_cfg)
+    return {"subject": paths[0], "style": paths[1], "subject_strength": sliders.subject,
+            "style_strength": sliders.style, "subject_detail": sliders.subject_detail, "handoff": cfg.handoff,
+            "top_k": klora_cfg.top_k, "alpha": klora_cfg.alpha, "beta": klora_cfg.beta, "gamma": scores.gamma,
+            "layers": len(scores.keys), "subject_layers_first_step": int(table[0].sum()),
+            "subject_layers_last_step": int(table[-1].sum())}
 
 
 def cmd_merge(args: argparse.Namespace) -> dict:
-    from .adapters import load_adapter
+    from .adapters import import_adapter
     from .base import load_base
     from .merge import merge_adapters
 
+    if args.method == "klora":  # refused before the base is loaded: nothing to write
+        raise ZipqError(config.KLORA_HAS_NO_FILE)
     base = load_base(args.base, args.device, args.dtype)
     cfg = config.MergeConfig.for_family(base.family, **config_values(config.MergeConfig, args))
-    params = max(load_adapter(p).num_params() for p in (args.subject, args.style))
+    params = max(import_adapter(p, base).num_params() for p in (args.subject, args.style))
     if (needs := _memory(args, base, "merge", merge=cfg, adapter_params=params)) is not None:
         return needs
     bar = _Bar(cfg.steps if cfg.learned else 1, f"merge {cfg.method}")
@@ -274,18 +311,13 @@ def cmd_merge(args: argparse.Namespace) -> dict:
 
 
 def cmd_export(args: argparse.Namespace) -> dict:
-    from .adapters import load_adapter, save_adapter
-
-    adapter = load_adapter(args.adapter)
-    if args.format == "int8":
-        path = save_adapter(adapter, args.out, storage="int8")
-        return {"path": str(path), "bytes": path.stat().st_size}
-    from .adapters.kohya import export_kohya
+    from .adapters import import_adapter
+    from .adapters.export import export_adapter
     from .base import load_base
 
-    report = export_kohya(adapter, load_base(args.base, args.device, args.dtype), args.out, bake=args.bake)
-    return {"path": str(report.path), "bytes": report.path.stat().st_size, "layers": report.layers,
-            "baked": report.baked, "max_relative_error": report.max_relative_error}
+    base = load_base(args.base, args.device, args.dtype)
+    adapter = import_adapter(args.adapter, base)  # our folders, INT8 folders and every file `import_adapter` reads
+    return export_adapter(adapter, base, args.format, args.out, bake=args.bake).as_dict()
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:

@@ -21,9 +21,16 @@ Method = Literal["lora", "dora"]
 QuantizeBase = Literal["none", "int8", "nf4"]
 TimestepBias = Literal["auto", "uniform", "low_noise", "high_noise"]
 TargetBlocks = Literal["auto", "all", "decoder"]
-MergeMethod = Literal["zipq", "zip", "direct", "ties", "dare", "blora"]
+# "klora" is a merge method with no merged file (its choice of adapter changes every step): it is in MergeMethod so
+# that `merge --method klora` reaches the refusal that names the generate command, and not in METHODS (the methods
+# that write a file).
+MergeMethod = Literal["zipq", "zip", "direct", "ties", "dare", "blora", "klora"]
 Family = Literal["mini", "sd1", "sd2", "sdxl"]
+Arch = Literal["sd1", "sd2", "sdxl"]  # the architecture of a base: mini is an SDXL
 METHODS: tuple[str, ...] = ("zipq", "zip", "direct", "ties", "dare", "blora")
+KLORA_HAS_NO_FILE = ("K-LoRA picks each layer's adapter anew at every denoising step, so there is no merged file to "
+                     "write: generate with it directly, `python -m zipq_core generate --klora SUBJECT STYLE --prompt "
+                     "...` (zipq_core.merge.klora.klora_generate in Python).")
 TIMESTEP_BIASES: tuple[str, ...] = ("auto", "uniform", "low_noise", "high_noise")
 TARGET_BLOCKS: tuple[str, ...] = ("auto", "all", "decoder")
 # The UNet's decoder half: where B-LoRA (arXiv 2403.14572) finds SDXL's style block, and on mini the blocks that
@@ -350,7 +357,8 @@ class MergeConfig:
     """How to merge. Learned methods (zipq, zip) use steps/lr/lam; the others are training-free."""
 
     method: MergeMethod = field(default="zipq", metadata=_help("zipq (ZipQDoRA), zip (ZipLoRA), direct, ties, "
-                                                                 "dare or blora."))
+                                                                 "dare or blora (klora has no file: generate "
+                                                                 "--klora)."))
     steps: int = field(default=100, metadata=_help("Merger optimisation steps (ZipLoRA's budget: ≤ 100)."))
     learning_rate: float = field(default=3e-3, metadata=_help("Adam lr for the mergers (no weight decay); 1e-2 "
                                                                 "let noisy steps undo the subject on mini.", "--lr"))
@@ -369,6 +377,7 @@ class MergeConfig:
         "Recompute the UNet's activations in backward (default: the base family's; on for real bases)."))
 
     def __post_init__(self) -> None:
+        _check(self.method != "klora", KLORA_HAS_NO_FILE)
         _check(self.method in METHODS, f"merge method {self.method!r} is unknown: use one of {', '.join(METHODS)}.")
         _check(_is_int(self.steps) and 1 <= self.steps <= 1000,
                f"merge steps must be between 1 and 1000, not {self.steps}.")
@@ -462,6 +471,30 @@ class Sliders:
         check_strength(self.subject)
         check_strength(self.style)
         check_fraction(self.subject_detail, "subject detail")
+
+
+@dataclass(frozen=True)
+class KLoraConfig:
+    """K-LoRA (Ouyang et al., CVPR 2025): at each denoising step every adapted layer takes the change of one adapter,
+    the subject's when S_c / γ > S_s · (α · progress + β), else the style's. S = the sum of the k largest |ΔW|
+    elements of that adapter's layer, γ = the mean over shared layers of Σ|ΔW_c| / Σ|ΔW_s|, progress = the step's
+    index / the number of steps (0 at the first step): the subject is favoured early, the style late. The defaults
+    are the authors' released code's (SDXL)."""
+
+    top_k: int = field(default=64, metadata=_help("K-LoRA's k: how many of each layer's largest |ΔW| elements are "
+                                                    "summed.", name="--klora-k"))
+    alpha: float = field(default=1.5, metadata=_help("K-LoRA's α: how much the style's score grows from the first "
+                                                       "step to the last.", name="--klora-alpha"))
+    beta: float = field(default=0.5, metadata=_help("K-LoRA's β: the style score's factor at the first step.",
+                                                      name="--klora-beta"))
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.top_k) and 1 <= self.top_k <= 10**7, f"K-LoRA's k must be between 1 and 10^7, not "
+               f"{self.top_k!r}.")
+        for name in ("alpha", "beta"):
+            value = getattr(self, name)
+            _check(_is_number(value) and math.isfinite(value) and value >= 0,
+                   f"K-LoRA's {name} must be a finite number ≥ 0, not {value!r}.")
 
 
 def with_overrides(config: Any, **overrides: Any) -> Any:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .base import ASSETS_DIR, Arch
+from .config import Arch
 from .errors import ZipqError
 
 UNET = "model.diffusion_model."
@@ -39,7 +39,7 @@ SD1_CLIP = "cond_stage_model.transformer."
 SD2_CLIP = "cond_stage_model.model."
 SDXL_CLIP_L = "conditioner.embedders.0.transformer."
 SDXL_CLIP_G = "conditioner.embedders.1.model."
-TOKENIZER_DIR = ASSETS_DIR / "tokenizer"
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"  # the bundled CLIP vocabulary
 
 PREDICTION_TYPES = {"epsilon": "epsilon", "eps": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction",
                     "v-prediction": "v_prediction"}

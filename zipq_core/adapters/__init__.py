@@ -18,6 +18,7 @@ from .folder import (
     save_adapter,
     save_training_views,
 )
+from .imports import MAX_ADAPTER_BYTES, describe_file, import_adapter
 
 __all__ = [
     "Adapter",
@@ -43,4 +44,7 @@ __all__ = [
     "load_training_views",
     "save_adapter",
     "save_training_views",
+    "MAX_ADAPTER_BYTES",
+    "describe_file",
+    "import_adapter",
 ]

@@ -72,7 +72,12 @@ class Phases:
         if index == self.active:
             return
         group = self.groups[index]
+        previous = None if self.active is None else self.groups[self.active]
         for key in self.keys:
+            # A layer whose parts are the same in both settings keeps its fused weight: a per-step schedule that
+            # switches a few layers (K-LoRA, merge.klora) re-fuses only those.
+            if previous is not None and _same_parts(previous.get(key), group.get(key)):
+                continue
             module = self.modules[key]
             weight = self.originals[key].to(module.weight.device)
             module.weight.data = _checked_fuse(key, weight, group[key]) if key in group else weight
@@ -82,6 +87,12 @@ class Phases:
         for key, tensor in self.originals.items():
             self.modules[key].weight.data = tensor.to(self.modules[key].weight.device)
         self.active = None
+
+
+def _same_parts(a: list[tuple[LoraLayer, float]] | None, b: list[tuple[LoraLayer, float]] | None) -> bool:
+    """Whether two settings of one module fuse to the same weight: the same layer objects at the same strengths."""
+    a, b = a or [], b or []
+    return len(a) == len(b) and all(x is y and s == t for (x, s), (y, t) in zip(a, b))
 
 
 def _to_host(weight: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,9 @@
 """Files for other tools: kohya / A1111 / ComfyUI LoRA and DoRA (DESIGN §8), and importing them back.
 
+`adapters.export.export_adapter` writes a file per tool (its DoRA convention solved, or baked per layer within 1 %);
+`export_kohya` below is the single kohya file of earlier versions (DoRA's m as dora_scale, which only LyCORIS
+computes as the studio does), kept for its callers.
+
 kohya keys: `lora_unet_<module path, dots → _>.lora_down.weight` [r, in], `.lora_up.weight` [out, r],
 `.alpha` (scalar; scale = alpha / r), DoRA `.dora_scale` written 2-D [out, 1] (conv [out, 1, 1, 1]).
 Readers disagree on DoRA (1-D vs 2-D, which axis), so `bake=True` writes a plain LoRA instead:
@@ -25,6 +29,8 @@ from .layer import Adapter, LoraLayer, fuse_weight, truncated_svd
 BASE_VERSIONS = {"sdxl": "sdxl_base_v1-0", "sd1": "sd_v1", "sd2": "sd_v2"}
 ARCHITECTURES = {"sdxl": "stable-diffusion-xl-v1-base", "sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2"}
 PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+# Header key of a file whose dora_scale was solved for ComfyUI/Forge (÷‖W0‖, adapters.export), not LyCORIS's m.
+DORA_CONVENTION_KEY = "zipq.dora_scale_convention"
 
 
 @dataclass
@@ -173,8 +179,20 @@ def import_kohya(path: str | Path, base) -> Adapter:
                         f"{unknown[0]}). Files with original (LDM) SDXL names need converting to diffusers names "
                         "first, or the file is for another architecture.")
     layers = {table[name]: _kohya_layer(name, parts, path.name) for name, parts in grouped.items()}
+    if header.get(DORA_CONVENTION_KEY) == "comfyui":
+        layers = {key: _from_comfyui_scale(base, key, layer) for key, layer in layers.items()}
     info = {"source": path.name, "imported": "kohya", "instance_prompt": header.get("modelspec.trigger_phrase", "")}
     return Adapter(layers=layers, use_dora=any(x.magnitude is not None for x in layers.values()), info=info)
+
+
+def _from_comfyui_scale(base, key: str, layer: LoraLayer) -> LoraLayer:
+    """A dora_scale solved for ComfyUI's ÷‖W0‖ (our export for ComfyUI/Forge) back to DoRA's magnitude m, which
+    divides by ‖W0 + ΔW‖: m = dora_scale · ‖W0 + ΔW‖ / ‖W0‖ (exact on the base the file was solved against)."""
+    if layer.magnitude is None:
+        return layer
+    w0 = resolve_module(base.pipe, key).weight.detach().float().cpu()
+    ratio = (w0 + layer.delta()).flatten(1).norm(dim=1) / w0.flatten(1).norm(dim=1)
+    return LoraLayer(layer.down, layer.up, layer.scale, layer.magnitude * ratio)
 
 
 def _kohya_layer(name: str, parts: dict[str, torch.Tensor], file: str) -> LoraLayer:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
 
-from ..adapters import Adapter, Phases, applied_phases, load_adapter
+from ..adapters import Adapter, Phases, applied_phases, import_adapter
 from ..base import BaseModel, out_of_memory
 from ..config import GenerateConfig, check_fraction, check_strength
 from ..errors import Cancelled
@@ -37,6 +37,23 @@ AdapterSpec = tuple[Adapter, float] | tuple[Adapter, float, float]
 OnStep = Callable[[int, int], None]
 
 
+@dataclass(frozen=True)
+class PhaseSchedule:
+    """Settings of the adapters' strengths per layer (phases) and the one each UNet call uses.
+
+    `pick(timestep)` → index into `phases`; one phase needs no pick. Phases that share a layer at the same strength
+    share its fused weight (adapters.Phases re-fuses only the layers that differ).
+    """
+
+    phases: list[list[tuple[Adapter, float]]]
+    pick: Callable[[float], int] = lambda t: 0
+
+
+# How a request's adapters become phases: (base, config, adapters) → PhaseSchedule. The default is the hand-off
+# (`handoff_schedule`); K-LoRA (merge.klora) gives a per-step choice of each layer's adapter.
+ScheduleFn = Callable[[BaseModel, GenerateConfig, Sequence[AdapterSpec]], PhaseSchedule]
+
+
 def detail_spec(adapter: Adapter, strength: float, detail: float) -> AdapterSpec:
     """The adapter at `strength`, and at `strength × detail` below the hand-off; detail 1 gives the plain pair
     (constant strength, what a single adapter file gives in any other tool)."""
@@ -58,7 +75,8 @@ def generation_units(config: GenerateConfig, adapters: Sequence[AdapterSpec]) ->
 
 
 def generate(base: BaseModel, config: GenerateConfig, adapters: Sequence[AdapterSpec] = (),
-             on_step: OnStep | None = None, cancel: threading.Event | None = None) -> list[Image.Image]:
+             on_step: OnStep | None = None, cancel: threading.Event | None = None,
+             schedule: ScheduleFn | None = None) -> list[Image.Image]:
     """Generate images from the base model with adapters fused at their strengths.
 
     The adapters are fused into the weights for the duration of the call (as fast as the base model)
@@ -75,6 +93,8 @@ def generate(base: BaseModel, config: GenerateConfig, adapters: Sequence[Adapter
         adapters: (adapter, strength[, detail strength]), strengths in [0, 1.5]; 0 leaves the base untouched.
         on_step: called as on_step(done, total) after each denoising step and each judge (`generation_units`).
         cancel: set it to stop between denoising steps; the call then raises `Cancelled`.
+        schedule: which setting of the adapters each denoising step uses (default: `handoff_schedule`); the
+            adapters themselves still judge the candidates.
 
     Returns:
         `config.num_images` PIL images.
@@ -86,7 +106,8 @@ def generate(base: BaseModel, config: GenerateConfig, adapters: Sequence[Adapter
         images: list[Image.Image] = []
         for k in range(rounds):
             seeded = replace(config, seed=candidate_seed(config.seed, k))
-            images += _render(base, seeded, adapters, lambda step, k=k: report(k * config.steps + step), cancel)
+            images += _render(base, seeded, adapters, lambda step, k=k: report(k * config.steps + step), cancel,
+                              schedule or handoff_schedule)
         if rounds == 1:
             return images
         scores = candidate_scores(base, images, judges_for(active_adapters(adapters)), config.prompt,
@@ -94,8 +115,19 @@ def generate(base: BaseModel, config: GenerateConfig, adapters: Sequence[Adapter
     return [images[i] for i in best_of(scores, config.num_images, rounds)]
 
 
+def handoff_schedule(base: BaseModel, config: GenerateConfig, adapters: Sequence[AdapterSpec]) -> PhaseSchedule:
+    """The strengths above `config.handoff`, and the detail strengths below it (one phase when none differs)."""
+    early = [(spec[0], spec[1]) for spec in adapters]
+    if all(spec[-1] == spec[1] for spec in adapters):
+        return PhaseSchedule([early])
+    late = [(spec[0], spec[-1]) for spec in adapters]
+    threshold = config.handoff * base.pipe.scheduler.config.num_train_timesteps
+    return PhaseSchedule([early, late], lambda t: 1 if t < threshold else 0)
+
+
 def _render(base: BaseModel, config: GenerateConfig, adapters: Sequence[AdapterSpec],
-            on_step: Callable[[int], None], cancel: threading.Event | None) -> list[Image.Image]:
+            on_step: Callable[[int], None], cancel: threading.Event | None,
+            schedule: ScheduleFn = handoff_schedule) -> list[Image.Image]:
     """One pipeline call: `config.num_images` images from `config.seed`."""
 
     def callback(pipe, step, timestep, kwargs):  # diffusers' callback_on_step_end signature
@@ -104,13 +136,12 @@ def _render(base: BaseModel, config: GenerateConfig, adapters: Sequence[AdapterS
             raise Cancelled("Generation cancelled.")
         return kwargs
 
-    early = [(spec[0], spec[1]) for spec in adapters]
-    late = [(spec[0], spec[-1]) for spec in adapters]
-    phases = [early, late] if any(spec[-1] != spec[1] for spec in adapters) else [early]
     if cancel is not None and cancel.is_set():
         raise Cancelled("Generation cancelled.")
     _decode_in_pieces(base, config)
-    with base.lock, applied_phases(base.pipe, phases) as state, _handoff(base, state, config.handoff), \
+    with base.lock:
+        plan = schedule(base, config, adapters)
+    with base.lock, applied_phases(base.pipe, plan.phases) as state, _per_step(base, state, plan), \
             torch.inference_mode():
         # A CPU generator gives the same images on every device for a seed.
         generator = torch.Generator("cpu").manual_seed(config.seed)
@@ -166,19 +197,18 @@ def _decode_in_pieces(base: BaseModel, config: GenerateConfig) -> None:
 
 
 @contextmanager
-def _handoff(base: BaseModel, state: Phases, handoff: float) -> Iterator[None]:
-    """Select phase 1 (detail strengths) for UNet calls below the hand-off noise level, phase 0 above.
+def _per_step(base: BaseModel, state: Phases, plan: PhaseSchedule) -> Iterator[None]:
+    """Select the plan's phase for each UNet call (the hand-off: detail strengths below it).
 
     A forward pre-hook reads each call's timestep, so it works for any scheduler and step count.
     """
     if len(state.groups) < 2:
         yield
         return
-    threshold = handoff * base.pipe.scheduler.config.num_train_timesteps
 
     def pick(module, args, kwargs):
         t = args[1] if len(args) > 1 else kwargs["timestep"]
-        state.select(1 if float(torch.as_tensor(t).flatten()[0]) < threshold else 0)
+        state.select(plan.pick(float(torch.as_tensor(t).flatten()[0])))
 
     hook = base.unet.register_forward_pre_hook(pick, with_kwargs=True)
     try:
@@ -187,6 +217,7 @@ def _handoff(base: BaseModel, state: Phases, handoff: float) -> Iterator[None]:
         hook.remove()
 
 
-def load_adapters(specs: Sequence[str]) -> list[tuple[Adapter, float]]:
-    """CLI-style 'PATH[:STRENGTH]' strings → loaded adapters with strengths."""
-    return [(load_adapter(path), strength) for path, strength in map(parse_adapter_arg, specs)]
+def load_adapters(specs: Sequence[str], base: BaseModel | None = None) -> list[tuple[Adapter, float]]:
+    """CLI-style 'PATH[:STRENGTH]' strings → loaded adapters with strengths; any file `adapters.import_adapter`
+    reads (kohya, LyCORIS, peft, diffusers), converted against `base`."""
+    return [(import_adapter(path, base), strength) for path, strength in map(parse_adapter_arg, specs)]

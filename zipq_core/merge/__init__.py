@@ -1,4 +1,4 @@
-"""Merging a subject adapter and a style adapter: ZipQDoRA, ZipLoRA, direct, TIES, DARE, B-LoRA.
+"""Merging a subject adapter and a style adapter: ZipQDoRA, ZipLoRA, direct, TIES, DARE, B-LoRA; K-LoRA.
 
 Every method produces two *parts*, a subject part and a style part, each an ordinary LoRA/DoRA
 adapter, such that fusing both at strength 1 (adapters.fuse_weight) is the merged model. That gives:
@@ -7,6 +7,8 @@ adapter, such that fusing both at strength 1 (adapters.fuse_weight) is the merge
 - the sliders: the parts at strengths (w_c, w_s); (0, 0) is the base model exactly.
 
 The methods: `parts` (exact part algebra; direct, B-LoRA), `dense` (TIES, DARE), `learned` (ZipLoRA, ZipQDoRA).
+K-LoRA (`klora`) chooses each layer's adapter anew at every denoising step, so it has no parts and no file: it is a
+way to generate (`klora_generate`), not a merge to save.
 """
 
 from __future__ import annotations
@@ -19,24 +21,28 @@ from pathlib import Path
 
 import torch
 
-from ..adapters import PARTS_DIR, Adapter, load_adapter, save_adapter
+from ..adapters import PARTS_DIR, Adapter, import_adapter, load_adapter, save_adapter
 from ..base import BaseModel, out_of_memory
 from ..config import METHODS, MergeConfig, check_strength
 from ..errors import ZipqError
 from ..generation import AdapterSpec, detail_spec
 from ..progress import MergeStep
 from .dense import dense_parts
+from .klora import KLoraConfig, klora_generate, klora_plan
 from .learned import learned_merge
 from .parts import blora_parts, combine_parts, direct_parts
 
-__all__ = ["METHODS", "MergeConfig", "MergeStep", "merge_adapters", "save_merged", "slider_adapters"]
+__all__ = ["METHODS", "KLoraConfig", "MergeConfig", "MergeStep", "klora_generate", "klora_plan", "merge_adapters",
+           "save_merged", "slider_adapters"]
 
 
-def _as_adapter(source: str | Path | Adapter) -> tuple[Adapter, Path | None]:
+def _as_adapter(source: str | Path | Adapter, base: BaseModel | None = None) -> tuple[Adapter, Path | None]:
+    """An adapter and the folder its training views may be in; files of other tools (kohya, LyCORIS, peft…) are
+    converted against `base` (adapters.imports)."""
     if isinstance(source, Adapter):
         return source, None
     path = Path(source)
-    return load_adapter(path), (path if path.is_dir() else path.parent)
+    return import_adapter(path, base), (path if path.is_dir() else path.parent)
 
 
 def merge_adapters(base: BaseModel, subject: str | Path | Adapter, style: str | Path | Adapter, cfg: MergeConfig,
@@ -56,8 +62,8 @@ def merge_adapters(base: BaseModel, subject: str | Path | Adapter, style: str | 
         `MergeStep` records; the last has `done` and `adapter_dir` (or `cancelled`).
     """
     out = Path(out_dir)
-    subj, subj_dir = _as_adapter(subject)
-    sty, sty_dir = _as_adapter(style)
+    subj, subj_dir = _as_adapter(subject, base)
+    sty, sty_dir = _as_adapter(style, base)
     if cfg.method == "zipq" and not (subj.use_dora and sty.use_dora):
         raise ZipqError("ZipQDoRA merges two DoRA adapters; for LoRA adapters choose 'zip' (ZipLoRA).")
     started = time.time()
