@@ -16,6 +16,7 @@ import logging
 import math
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,26 @@ import gradio as gr
 from gradio.utils import get_upload_folder
 
 from zipq_core import plan
-from zipq_core.config import TOKEN_PATTERN
+from zipq_core.base import BaseModel
+from zipq_core.config import TOKEN_PATTERN, family_defaults
 from zipq_core.data import ImageSet
 from zipq_core.errors import ZipqError
 from zipq_core.jobs import FINISHED, Job
 
-from .flow import GenerateForm, MergeForm, Stored, Studio, TrainForm
+from .flow import (
+    KLORA_NO_DOWNLOAD,
+    LOAD_KIND,
+    NATIVE_FORMAT,
+    GenerateForm,
+    MergeForm,
+    Stored,
+    Studio,
+    TrainForm,
+    download_formats,
+)
 from .sessions import SessionPaths, Settings, merged_is_current
+
+KLORA_LABEL = "K-LoRA: no merged file (download the subject and style adapters)"
 
 log = logging.getLogger("zipq.studio")
 
@@ -231,8 +245,15 @@ class Handlers:
         except ZipqError:
             session = self.new_session(request)
         s = self.studio.paths(session).read_settings()
+        name = self.studio.base_name(session)
+        if self.studio.bases.resident(self.studio.bases.spec(name)) is None:  # e.g. after a restart
+            self.studio.submit_load(session, self.studio.bases.spec(name))
+        base = self.studio.bases.resident(self.studio.bases.spec(name))
+        noun = s.class_noun if base is None else gr.Dropdown(choices=noun_choices("subject", base.is_mini),
+                                                             value=s.class_noun or None, allow_custom_value=True)
         return (session, session, *self._preview("subject", session), *self._preview("style", session),
-                s.subject_token, s.class_noun, s.style_token, s.style_noun, s.prompt, None)
+                s.subject_token, noun, s.style_token, s.style_noun, s.prompt, None,
+                *self._base_fields(session, name))
 
     @user_errors
     def fresh_session(self, request: gr.Request = None) -> tuple:
@@ -240,7 +261,36 @@ class Handlers:
         session = self.new_session(request)
         s = Settings()
         return (session, session, [], "", [], "", s.subject_token, s.class_noun, s.style_token, s.style_noun,
-                s.prompt, None)
+                s.prompt, None, *self._base_fields(session, self.studio.bases.default))
+
+    # ---- base model
+    @user_errors
+    def choose_base(self, session: str, name: str) -> tuple:
+        """Make one of the operator's base models the session's: the Train and Generate fields take its family's
+        defaults; a base not loaded yet loads as a job (a hub download shows its progress)."""
+        self.registry.check(session)
+        self.studio.choose_base(session, name)
+        base = self.studio.bases.resident(self.studio.bases.spec(name))
+        nouns = gr.skip() if base is None else gr.Dropdown(choices=noun_choices("subject", base.is_mini),
+                                                           allow_custom_value=True)
+        return (*self._base_fields(session, name), nouns)
+
+    def _base_fields(self, session: str, name: str) -> tuple:
+        """The base dropdown, then the fields that follow the base: its line, the family defaults (steps, rank,
+        learning rate, resolution, width, height, candidates) and the family note."""
+        base = self.studio.bases.resident(self.studio.bases.spec(name))
+        line = self._base_line(session, name, base)
+        if base is None:  # the defaults arrive with the base (the poll redraws them once it is loaded)
+            return (name, line, *(gr.skip() for _ in range(BASE_FIELDS - 2)))
+        d = family_defaults(base.family)
+        size = base.default_size
+        return (name, line, d.steps, d.rank, d.learning_rate, size, size, size, d.candidates, family_note(base))
+
+    def _base_line(self, session: str, name: str, base: BaseModel | None) -> str:
+        if base is not None:
+            return describe_base(base, name)
+        job = self.registry.latest(session, LOAD_KIND)
+        return self._line(job, f"Loading {name}") if job is not None else f"**Base model:** {name} (not loaded)"
 
     def _preview(self, kind: str, session: str) -> tuple[list, str]:
         try:
@@ -272,10 +322,10 @@ class Handlers:
             return [], notes_markdown(None, str(e)), gr.skip(), gr.skip()
         finally:
             drop_uploads(names)
-        return self._stored(kind, stored)
+        return self._stored(kind, session, stored)
 
-    def _stored(self, kind: str, stored: Stored) -> tuple:
-        noun_box = gr.Dropdown(choices=noun_choices(kind, self.studio.base.is_mini, stored.guess),
+    def _stored(self, kind: str, session: str, stored: Stored) -> tuple:
+        noun_box = gr.Dropdown(choices=noun_choices(kind, self.studio._data_base(session).is_mini, stored.guess),
                                value=stored.settings.noun(kind))
         return gallery_of(stored.images), notes_markdown(stored.images, ignored=stored.ignored), noun_box, \
             stored.settings.prompt
@@ -297,6 +347,21 @@ class Handlers:
                 gallery_of(sty.images), notes_markdown(sty.images), s.style_token, s.style_noun, s.prompt)
 
     # ---- training and merging
+    @user_errors
+    def import_adapter(self, session: str, kind: str, files: list | None) -> str:
+        """Use an existing LoRA/DoRA/LoHa/LoKr file (.safetensors, optionally with peft's adapter_config.json) as
+        the session's subject or style adapter instead of training one."""
+        self.registry.check(session)
+        names = [f if isinstance(f, str) else f.name for f in files or ()]
+        try:
+            adapter = self.studio.import_adapter(session, kind, names)
+        finally:
+            drop_uploads(names)
+        info = adapter.info
+        return (f"Using {html.escape(str(info.get('source')))} ({html.escape(str(info.get('imported')))}, "
+                f"{len(adapter.layers)} layers, rank {adapter.rank}) as the {kind} adapter: merge and generate with "
+                "it as with a trained one.")
+
     @user_errors
     def train(self, session: str, which: str, method: str, quantize: str, int8: bool, rank: float, steps: float,
               lr: float, resolution: float, prior: bool, sample_every: float) -> str:
@@ -375,7 +440,8 @@ class Handlers:
         columns = [[(publish(paths.file(rel)), name) for key, rel in sorted(job.artifacts.items())
                     if key.startswith(f"cmp{v}-")] for v, name in enumerate(names)]
         grid = [cell for row in zip(*columns) for cell in row]  # row-major: one row per image, a column per variant
-        return gr.Gallery(value=grid, columns=len(columns)), scores_table(job.meta["rows"], self.studio.base.is_mini)
+        return gr.Gallery(value=grid, columns=len(columns)), scores_table(job.meta["rows"],
+                                                                          job.meta.get("base", "mini") == "mini")
 
     # ---- the whole flow
     @user_errors
@@ -396,26 +462,33 @@ class Handlers:
         self.registry.touch(session)
         return {"session": session, "jobs": [self.registry.snapshot(j.id) for j in self.registry.jobs_for(session)]}
 
-    def poll(self, session: str, seen: Any) -> tuple:
+    def poll(self, session: str, seen: Any, merge_method: str | None = None) -> tuple:
         """The Train, Merge, Generate and flow panels; skipped entirely when nothing changed since the last tick."""
         try:
-            return self._poll(session, seen)
+            return self._poll(session, seen, merge_method)
         except ZipqError:  # no valid session yet (the page is still loading)
             return tuple(gr.skip() for _ in range(POLL_OUTPUTS))
         except Exception:  # a bug: log it, but do not pop up an error every second
             log.exception("poll failed")
             return tuple(gr.skip() for _ in range(POLL_OUTPUTS))
 
-    def _poll(self, session: str, seen: Any) -> tuple:
+    def _poll(self, session: str, seen: Any, merge_method: str | None = None) -> tuple:
         self.registry.touch(session)
         paths = self.studio.paths(session)
         jobs = self.registry.jobs_for(session)
+        s = paths.read_settings()
+        name = self.studio.base_name(session)
+        loaded = self.studio.bases.resident(self.studio.bases.spec(name)) is not None
         key = json.dumps([[j.id, j.version, j.status] for j in jobs] + [paths.has_adapter(k) for k in
-                                                                        ("subject", "style", "merged")])
+                                                                        ("subject", "style", "merged")]
+                         + [merge_method, s.formats, name, loaded])
         if key == seen:
             return tuple(gr.skip() for _ in range(POLL_OUTPUTS))
-        return (*self._train_panel(session, paths), *self._merge_panel(session, paths),
-                *self._flow_panel(session, paths), *self._generate_panel(session), key)
+        base_fields = self._base_fields(session, name)[1:]
+        if not (loaded and _base_state(seen) == [name, False]):  # the defaults follow a base only once it loaded
+            base_fields = (base_fields[0], *(gr.skip() for _ in base_fields[1:]))
+        return (*self._train_panel(session, paths), *self._merge_panel(session, paths, merge_method),
+                *self._flow_panel(session, paths), *self._generate_panel(session), *base_fields, key)
 
     def _line(self, job: Job | None, name: str, kind: str | None = None) -> str:
         snap = self.registry.snapshot(job.id) if job is not None else None
@@ -429,14 +502,14 @@ class Handlers:
         samples = [(job.sample, f"{name} · step {job.latest.step if job.latest else 0}")
                    for name, job in (("subject", sub), ("style", sty)) if job is not None and job.sample is not None]
         return ("\n\n".join(lines + logs), loss_frame(sub, "subject"), loss_frame(sty, "style"), samples,
-                self._download(paths, "subject"), self._download(paths, "style"))
+                self._download(session, paths, "subject"), self._download(session, paths, "style"))
 
-    def _merge_panel(self, session: str, paths: SessionPaths) -> tuple:
+    def _merge_panel(self, session: str, paths: SessionPaths, merge_method: str | None = None) -> tuple:
         job = self.registry.latest(session, "merge")
         line = self._line(job, "Merge")
         if paths.has_adapter("merged") and not merged_is_current(paths):
             line += "\n\n⚠️ The merged adapter was made from earlier adapters: merge again to use the new ones."
-        return line, loss_frame(job, "merge"), self._download(paths, "merged")
+        return line, loss_frame(job, "merge"), self._download(session, paths, "merged", merge_method)
 
     def _flow_panel(self, session: str, paths: SessionPaths) -> tuple:
         mine = {j.id: j for j in self.registry.jobs_for(session)}
@@ -455,16 +528,79 @@ class Handlers:
         job = self.registry.latest(session, "generate")
         return (self._line(job, "Generation") if job is not None else gr.skip(),)
 
-    def _download(self, paths: SessionPaths, kind: str):
-        """A download button for an adapter file once it exists (disabled before)."""
-        folder = paths.merged if kind == "merged" else paths.adapter(kind)
+    def _download(self, session: str, paths: SessionPaths, kind: str, merge_method: str | None = None):
+        """A download button for an adapter in the session's chosen format once it exists (disabled before, or
+        while an export runs, its label saying so); K-LoRA, which has no merged file, says that instead."""
+        label = f"Download {kind} adapter"
+        if kind == "merged" and merge_method == "klora":
+            return gr.DownloadButton(KLORA_LABEL, value=None, interactive=False)
         if not paths.has_adapter(kind):
-            return gr.DownloadButton(value=None, interactive=False)
+            return gr.DownloadButton(label, value=None, interactive=False)
+        fmt = paths.read_settings().formats.get("merged" if kind == "merged" else "train", NATIVE_FORMAT)
+        try:
+            got = self.studio.download(session, kind, fmt)
+        except ZipqError as e:
+            return gr.DownloadButton(str(e).splitlines()[0], value=None, interactive=False)
+        if isinstance(got, str):
+            return gr.DownloadButton(got, value=None, interactive=False)
+        folder = paths.merged if kind == "merged" else paths.adapter(kind)
         info = json.loads((folder / "adapter.json").read_text()) if (folder / "adapter.json").exists() else {}
-        label = str(info.get("token") or info.get("method") or "adapter")
-        name = f"zipq-{kind}-{label if TOKEN_PATTERN.fullmatch(label) else 'adapter'}.safetensors"
-        return gr.DownloadButton(value=publish(folder / "pytorch_lora_weights.safetensors", name), interactive=True)
+        name = str(info.get("token") or info.get("method") or "adapter")
+        name = name if TOKEN_PATTERN.fullmatch(name) else "adapter"
+        suffix = "" if fmt == NATIVE_FORMAT else f"-{fmt}"
+        return gr.DownloadButton(label if fmt == NATIVE_FORMAT else f"{label} ({fmt})", interactive=True,
+                                 value=publish(got, f"zipq-{kind}-{name}{suffix}.safetensors"))
+
+    # ---- download formats
+    @user_errors
+    def train_format(self, session: str, fmt: str) -> tuple:
+        """The format the subject and style adapters download in (exported on first use; a job on a large base)."""
+        paths = self._set_format(session, "train", fmt)
+        return self._download(session, paths, "subject"), self._download(session, paths, "style")
+
+    @user_errors
+    def merged_format(self, session: str, fmt: str, merge_method: str = "zipq") -> Any:
+        """The format the merged adapter downloads in."""
+        paths = self._set_format(session, "merged", fmt)
+        return self._download(session, paths, "merged", merge_method)
+
+    def merge_method_note(self, session: str, merge_method: str) -> tuple:
+        """K-LoRA has no merged file: the Merge tab says so in place of the download."""
+        try:
+            paths = self.studio.paths(session)
+        except ZipqError:
+            return gr.skip(), gr.skip()
+        note = KLORA_NO_DOWNLOAD if merge_method == "klora" else ""
+        return self._download(session, paths, "merged", merge_method), note
+
+    def _set_format(self, session: str, where: str, fmt: str) -> SessionPaths:
+        if fmt != NATIVE_FORMAT and fmt not in download_formats():
+            raise ZipqError(f"Unknown download format {fmt!r}: choose one of {NATIVE_FORMAT}, "
+                            f"{', '.join(download_formats())}.")
+        paths = self.studio.paths(session)
+        s = paths.read_settings()
+        paths.write_settings(replace(s, formats={**s.formats, where: fmt}))
+        return paths
 
 
-POLL_OUTPUTS = 13  # train: status, 2 plots, samples, 2 downloads · merge: 3 · flow: 2 · generate: status · key
+BASE_FIELDS = 10  # the base dropdown, its line, 7 defaults, the family note
+POLL_OUTPUTS = 22  # train: status, 2 plots, samples, 2 downloads · merge: 3 · flow: 2 · generate: 1 · base: 9 · key
+
+
+def _base_state(seen: Any) -> list | None:
+    """The [base name, loaded] a poll key ended with (None before the first poll)."""
+    try:
+        return json.loads(seen)[-3:-1]
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def describe_base(base: BaseModel, name: str) -> str:
+    """The base model's line: its name in the operator's list (never a server path), architecture, device, dtype."""
+    return f"**Base model:** `{base.describe().replace(base.spec, name)}`"
+
+
+def family_note(base: BaseModel) -> str:
+    """The Train tab's note under the family-defaults table."""
+    return f"Defaults per base family (this base: **{base.family}**):"
 

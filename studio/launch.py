@@ -1,9 +1,10 @@
 """Starting the studio: flags, the app object, `launch()`.
 
-    python app.py [--host 0.0.0.0] [--port 7860] [--base mini] [--work-dir runs/sessions] [--max-job-seconds N] …
+    python app.py [--host 0.0.0.0] [--port 7860] [--bases mini,stabilityai/stable-diffusion-xl-base-1.0,x.safetensors]
+                  [--work-dir runs/sessions] [--max-job-seconds N] …
 
-Nothing is loaded at import time; `create_app` loads the base model, measures the device once (for estimates)
-and builds the page.
+Nothing is loaded at import time; `create_app` loads the first base model, measures the device once on it (for
+estimates) and builds the page. The other bases load when a visitor first chooses one (studio.bases).
 """
 
 from __future__ import annotations
@@ -18,48 +19,56 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from zipq_core import plan
-from zipq_core.base import is_offline, load_base
+from zipq_core.base import is_offline
 from zipq_core.errors import ZipqError
 from zipq_core.jobs import JobRegistry, Limits
 
-from .flow import ROOT, Studio
+from .bases import DEFAULT_MAX_LOADED, Bases, parse_bases
+from .flow import MAX_ADAPTER_BYTES, ROOT, Studio
 from .handlers import Handlers
-from .sessions import Quota
+from .sessions import MAX_IMAGE_BYTES, Quota
 
 DEFAULT_WORK_DIR = ROOT / "runs" / "sessions"
 MAX_FILE_SIZE = "20mb"
+MINI_ADAPTER_MB = 64  # the upload limit of a Space that offers mini alone (its adapters are a few MB)
 # A job may cost this many device-seconds by default: on a CPU the mini flow's longest job takes under a minute;
 # a real base on a small GPU legitimately trains for an hour (the operator sets --max-job-seconds per deployment).
 DEFAULT_BUDGET_S = {"cpu": 600.0, "cuda": 3600.0}
 
 
-def create_app(base_spec: str = "mini", work_dir: str | Path = DEFAULT_WORK_DIR, device: str | None = None,
-               limits: Limits = Limits(), budget_s: float | None = None, quota: Quota | None = None,
-               trust_proxy: bool = False, speed: plan.Speed | None = None):
-    """Load the base model and build the app.
+def create_app(base_spec: str | Sequence[str] = "mini", work_dir: str | Path = DEFAULT_WORK_DIR,
+               device: str | None = None, limits: Limits = Limits(), budget_s: float | None = None,
+               quota: Quota | None = None, trust_proxy: bool = False, speed: plan.Speed | None = None,
+               max_loaded_bases: int = DEFAULT_MAX_LOADED, max_adapter_bytes: int = MAX_ADAPTER_BYTES):
+    """Load the first base model and build the app.
 
     Args:
-        base_spec: "mini", a hub id, a diffusers folder or a .safetensors file.
+        base_spec: the bases a visitor may choose from, comma-separated or a list (the first is the default): each
+            "mini", a hub id, a diffusers folder or a .safetensors file.
         work_dir: where the per-session folders (and the job store) live.
         device: "cpu", "cuda"; None picks CUDA when present.
         limits: sessions, queue, heartbeat and time-to-live (zipq_core.jobs.Limits).
         budget_s: device-seconds per job (None: DEFAULT_BUDGET_S for the device).
         quota: disk per session and in all.
         trust_proxy: read the client address from X-Forwarded-For (behind a Space's proxy).
-        speed: the device's throughput (None: measured now).
+        speed: the device's throughput (None: measured per base, the first one now).
+        max_loaded_bases: bases resident at once (the least recently used one no job needs is let go).
+        max_adapter_bytes: the largest adapter file a visitor may import.
 
     Returns:
         (the Blocks app, the Studio behind it).
     """
     from .page import build_ui, wire
 
-    base = load_base(base_spec, device)
+    bases = Bases(parse_bases(base_spec), device=device, max_loaded=max_loaded_bases, speed=speed)
     registry = JobRegistry(root=Path(work_dir), limits=limits)
     registry.cleanup()
-    budget = budget_s if budget_s is not None else DEFAULT_BUDGET_S.get(base.device.type, math.inf)
-    studio = Studio(base, registry, budget_s=budget, quota=quota, speed=speed or plan.measure_speed(base))
+    studio = Studio(bases, registry, quota=quota, max_adapter_bytes=max_adapter_bytes)
+    base = studio.base  # the first base loads now: a wrong spec fails at launch, not on a visitor's click
+    studio.bases.speed_of(base)  # measured now, on the default base (the others when first loaded)
+    studio.budget_s = budget_s if budget_s is not None else DEFAULT_BUDGET_S.get(base.device.type, math.inf)
     # The page's copy of the session id is encrypted with a key derived from the server's session key.
-    demo, ui = build_ui(base, registry.keys.browser_secret(), cache_ttl_s=limits.ttl_s)
+    demo, ui = build_ui(base, registry.keys.browser_secret(), cache_ttl_s=limits.ttl_s, bases=bases.choices())
     wire(demo, ui, Handlers(studio, trust_proxy=trust_proxy))
     demo.queue(default_concurrency_limit=8)
     return demo, studio
@@ -81,7 +90,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     p.add_argument("--share", action="store_true", help="a public gradio.live link (needs internet access)")
     p.add_argument("--auth", default=None, help="user:password required to open the page")
-    p.add_argument("--base", default="mini", help="mini (bundled), a hub id, a diffusers folder or a .safetensors")
+    p.add_argument("--base", default=None, help="one base model: mini (bundled), a hub id, a diffusers folder or a "
+                                                "single .safetensors checkpoint")
+    p.add_argument("--bases", default=os.environ.get("ZIPQ_BASES"),
+                   help="the base models a visitor may choose from, comma-separated, the first being the default "
+                        "(e.g. mini,stabilityai/stable-diffusion-xl-base-1.0,/models/x.safetensors); on a Space set "
+                        "the ZIPQ_BASES variable. Visitors pick from this list only, never a path of their own")
+    p.add_argument("--max-loaded-bases", type=int, default=DEFAULT_MAX_LOADED,
+                   help="base models kept loaded at once; the least recently used one that no queued or running job "
+                        "needs is unloaded to make room")
+    p.add_argument("--max-adapter-mb", type=float, default=None,
+                   help="the largest adapter file a visitor may upload ('Use an existing LoRA'; real SDXL LoRAs are "
+                        f"50-900 MB); it counts in the session's disk quota (default: {MAX_ADAPTER_BYTES // 2**20} "
+                        f"with a real base, {MINI_ADAPTER_MB} when mini is the only one)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when present)")
     p.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR), help="per-session folders and the job store")
     p.add_argument("--ttl-hours", type=float, default=d.ttl_s / 3600,
@@ -100,6 +121,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trust-proxy", action="store_true", default=bool(os.environ.get("SPACE_ID")),
                    help="take the client address from X-Forwarded-For (default on a Hugging Face Space)")
     return p.parse_args(argv)
+
+
+def adapter_limit_mb(args: argparse.Namespace) -> float:
+    """--max-adapter-mb, else what the offered bases need: every upload may be that large (gradio has one limit for
+    all files), so a Space that offers mini alone, whose adapters are a few MB, keeps a small one."""
+    if args.max_adapter_mb is not None:
+        return args.max_adapter_mb
+    return MINI_ADAPTER_MB if set(base_list(args)) == {"mini"} else MAX_ADAPTER_BYTES / 2**20
+
+
+def base_list(args: argparse.Namespace) -> list[str]:
+    """The bases offered: --bases (or ZIPQ_BASES) when given, else the one --base (scripts/run.sh passes --base mini,
+    so a list given after it wins), else mini."""
+    return parse_bases(args.bases or args.base or "mini")
 
 
 def parse_auth(text: str | None) -> tuple[str, str] | None:
@@ -139,10 +174,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         limits = Limits(heartbeat_s=args.heartbeat_seconds, ttl_s=args.ttl_hours * 3600,
                         sessions_per_address=args.sessions_per_address, max_queued=args.max_queued)
         quota = Quota(session_bytes=int(args.session_quota_mb * 2**20), total_bytes=int(args.max_disk_gb * 2**30))
-        demo, _ = create_app(args.base, args.work_dir, args.device, limits=limits, budget_s=args.max_job_seconds,
-                             quota=quota, trust_proxy=args.trust_proxy)
+        demo, _ = create_app(base_list(args), args.work_dir, args.device, limits=limits,
+                             budget_s=args.max_job_seconds, quota=quota, trust_proxy=args.trust_proxy,
+                             max_loaded_bases=args.max_loaded_bases,
+                             max_adapter_bytes=int(adapter_limit_mb(args) * 2**20))
     except ZipqError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, **launch_kwargs())
+    # Gradio's upload limit is one for every file: the adapters' (images are held to theirs by the app).
+    upload_limit = f"{max(adapter_limit_mb(args), MAX_IMAGE_BYTES / 2**20):.0f}mb"
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+                **launch_kwargs(max_file_size=upload_limit))
     return 0

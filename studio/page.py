@@ -14,10 +14,26 @@ from typing import Any
 import gradio as gr
 
 from zipq_core.base import BaseModel
-from zipq_core.config import MAX_CANDIDATES, METHODS, GenerateConfig, Sliders, family_defaults, family_table
+from zipq_core.config import (
+    KLORA_HAS_NO_FILE,
+    MAX_CANDIDATES,
+    METHODS,
+    GenerateConfig,
+    Sliders,
+    family_defaults,
+    family_table,
+)
 
-from .flow import DEFAULT_STYLE_EXAMPLE, DEFAULT_SUBJECT_EXAMPLE, LIMITS, MERGE_LABELS, example_names
-from .handlers import POLL_SECONDS, SERIES_COLOURS, Handlers, noun_choices
+from .flow import (
+    DEFAULT_STYLE_EXAMPLE,
+    DEFAULT_SUBJECT_EXAMPLE,
+    LIMITS,
+    MERGE_LABELS,
+    NATIVE_FORMAT,
+    download_formats,
+    example_names,
+)
+from .handlers import POLL_SECONDS, SERIES_COLOURS, Handlers, describe_base, family_note, noun_choices
 from .sessions import Settings
 
 TOKEN_SUGGESTIONS = {"subject": ["sks", "ohwx", "zwx"], "style": ["zkz", "xyz", "szn"]}
@@ -36,9 +52,9 @@ class UI:
         return [self.c[n] for n in names]
 
 
-def header_markdown(base: BaseModel) -> str:
-    return (f"# ZipQDoRA Studio\nAny subject in any style: upload a subject and a style, train two adapters, merge "
-            f"them with ZipQDoRA, generate with a strength slider for each.\n\n**Base model:** `{base.describe()}`")
+def header_markdown() -> str:
+    return ("# ZipQDoRA Studio\nAny subject in any style: upload a subject and a style, train two adapters, merge "
+            "them with ZipQDoRA, generate with a strength slider for each.")
 
 
 def _images_tab(c: dict, kind: str, base: BaseModel) -> None:
@@ -88,11 +104,22 @@ def _train_tab(c: dict, base: BaseModel) -> None:
                                      label="QDoRA: quantized frozen base")
             c["int8"] = gr.Checkbox(label="Also save an INT8 adapter", value=False)
             c["prior"] = gr.Checkbox(label="Prior preservation (subject)", value=False)
-        gr.Markdown(f"Defaults per base family (this base: **{base.family}**):\n\n```\n{family_table()}\n```")
+        c["family_note"] = gr.Markdown(family_note(base))
+        gr.Markdown(f"```\n{family_table()}\n```")
     with gr.Row():
         c["train_btn"] = gr.Button("Train", variant="primary")
         c["resume_btn"] = gr.Button("Resume from checkpoint")
         c["train_cancel"] = gr.Button("Cancel", variant="stop")
+    with gr.Accordion("Use an existing LoRA (instead of training)", open=False):
+        gr.Markdown("A LoRA, DoRA, LoHa or LoKr made for this base model elsewhere (kohya, ComfyUI, A1111/Forge, "
+                    "diffusers, peft): one `.safetensors` file, with peft's `adapter_config.json` if it has one. "
+                    "It becomes the subject or the style adapter; merge and generate as with a trained one.")
+        with gr.Row():
+            c["import_files"] = gr.File(label="Adapter file", file_count="multiple", elem_id="import_files",
+                                        file_types=[".safetensors", ".json"], scale=2)
+            with gr.Column(scale=1):
+                c["import_kind"] = gr.Radio(["subject", "style"], value="subject", label="Use it as")
+                c["import_btn"] = gr.Button("Use this adapter")
     c["train_msg"] = gr.Markdown()
     with gr.Row():
         with gr.Column(scale=2):
@@ -103,12 +130,23 @@ def _train_tab(c: dict, base: BaseModel) -> None:
                                                     height=240, color_map=SERIES_COLOURS)
         with gr.Column(scale=1):
             c["train_samples"] = gr.Gallery(label="Previews", columns=2, height=260, format="png")
-            c["subject_dl"] = gr.DownloadButton("Download subject adapter", interactive=False)
-            c["style_dl"] = gr.DownloadButton("Download style adapter", interactive=False)
+            c["train_format"] = format_choice("train_format")
+            c["subject_dl"] = gr.DownloadButton("Download subject adapter", interactive=False, elem_id="subject_dl")
+            c["style_dl"] = gr.DownloadButton("Download style adapter", interactive=False, elem_id="style_dl")
+
+
+def format_choice(elem_id: str) -> gr.Dropdown:
+    """The download format: the studio's own file, or a file one tool reads exactly (zipq_core.adapters.export)."""
+    formats = download_formats()
+    return gr.Dropdown([("studio (diffusers layout, as made here)", NATIVE_FORMAT)] + [(f, f) for f in formats],
+                       value=NATIVE_FORMAT, label="Download format", elem_id=elem_id,
+                       info=" · ".join(f"{name}: {text}" for name, text in formats.items())[:600] or None)
 
 
 def _merge_tab(c: dict) -> None:
     choices = [(MERGE_LABELS.get(m, m), m) for m in METHODS]
+    if KLORA_HAS_NO_FILE:  # K-LoRA picks the adapters anew at each step: offered so the page can say what it is
+        choices.append((MERGE_LABELS["klora"], "klora"))
     with gr.Row():
         c["merge_method"] = gr.Dropdown(choices, value="zipq", label="Method",
                                         info="ZipQDoRA / ZipLoRA learn per-column mergers; the others are "
@@ -123,7 +161,8 @@ def _merge_tab(c: dict) -> None:
     with gr.Row():
         c["merge_btn"] = gr.Button("Merge", variant="primary")
         c["merge_cancel"] = gr.Button("Cancel", variant="stop")
-        c["merged_dl"] = gr.DownloadButton("Download merged adapter", interactive=False)
+        c["merged_format"] = format_choice("merged_format")
+        c["merged_dl"] = gr.DownloadButton("Download merged adapter", interactive=False, elem_id="merged_dl")
     c["merge_msg"] = gr.Markdown()
     c["merge_status"] = gr.Markdown("No merge yet.", elem_id="merge_status")
     c["merge_plot"] = gr.LinePlot(x="step", y="loss", color="series", label="Merge loss", height=220,
@@ -192,15 +231,23 @@ def _compare_tab(c: dict, base: BaseModel) -> None:
                                    elem_id="cmp_scores")
 
 
-def build_ui(base: BaseModel, secret: str, cache_ttl_s: float) -> tuple[gr.Blocks, UI]:
+def build_ui(base: BaseModel, secret: str, cache_ttl_s: float, bases: list[str] | None = None
+             ) -> tuple[gr.Blocks, UI]:
     """The page. `secret` encrypts the session id kept in the browser; Gradio's cache (uploads, published copies)
-    is swept every hour of files older than `cache_ttl_s`."""
+    is swept every hour of files older than `cache_ttl_s`. `bases` names the operator's base models (the first is
+    `base`, every new session's); a visitor picks one from that list only."""
+    bases = bases or [base.spec]
     c: dict[str, Any] = {}
     with gr.Blocks(title="ZipQDoRA Studio", delete_cache=(min(3600, int(cache_ttl_s)), int(cache_ttl_s))) as demo:
         c["browser"] = gr.BrowserState(None, storage_key="zipq_session", secret=secret)
         c["session"] = gr.Textbox(visible=False, label="session")
         c["seen"] = gr.State(None)
-        gr.Markdown(header_markdown(base))
+        gr.Markdown(header_markdown())
+        with gr.Row(equal_height=True):
+            c["base"] = gr.Dropdown(bases, value=bases[0], label="Base model", interactive=len(bases) > 1, scale=1,
+                                    elem_id="base", info="The model this session's adapters are made on; switching "
+                                                         "keeps them, but one made on another base cannot be used.")
+            c["base_status"] = gr.Markdown(describe_base(base, bases[0]), elem_id="base_status")
         with gr.Row(equal_height=True):
             c["ex_subject"] = gr.Dropdown(example_names("subject"), value=DEFAULT_SUBJECT_EXAMPLE,
                                           label="Example subject", scale=1)
@@ -235,10 +282,13 @@ TRAIN_INPUTS = ("session", "train_which", "method", "quantize", "int8", "rank", 
                 "prior", "sample_every")
 GEN_INPUTS = ("session", "prompt", "negative", "seed", "gen_steps", "guidance", "width", "height", "num_images",
               "subject_strength", "style_strength", "subject_detail", "handoff", "candidates")
+BASE_TARGETS = ("base", "base_status", "steps", "rank", "lr", "resolution", "width", "height", "candidates",
+                "family_note")
 POLL_TARGETS = ("train_status", "subject_plot", "style_plot", "train_samples", "subject_dl", "style_dl",
-                "merge_status", "merge_plot", "merged_dl", "flow_status", "flow_gallery", "gen_status", "seen")
+                "merge_status", "merge_plot", "merged_dl", "flow_status", "flow_gallery", "gen_status",
+                *BASE_TARGETS[1:], "seen")
 SESSION_TARGETS = ("session", "browser", "subject_gallery", "subject_notes", "style_gallery", "style_notes",
-                   "subject_token", "subject_noun", "style_token", "style_noun", "prompt", "seen")
+                   "subject_token", "subject_noun", "style_token", "style_noun", "prompt", "seen", *BASE_TARGETS)
 EXAMPLE_TARGETS = ("subject_gallery", "subject_notes", "subject_token", "subject_noun", "style_gallery",
                    "style_notes", "style_token", "style_noun", "prompt")
 
@@ -249,7 +299,9 @@ def wire(demo: gr.Blocks, ui: UI, h: Handlers) -> None:
         demo.load(h.restore, ui("browser"), ui(*SESSION_TARGETS), api_visibility="private")
         ui["new_btn"].click(h.fresh_session, None, ui(*SESSION_TARGETS), api_visibility="private")
         gr.api(h.new_session, api_name="new_session")
-        ui["timer"].tick(h.poll, ui("session", "seen"), ui(*POLL_TARGETS), show_progress="hidden",
+        ui["base"].input(h.choose_base, ui("session", "base"), ui(*BASE_TARGETS, "subject_noun"),
+                         api_name="choose_base")
+        ui["timer"].tick(h.poll, ui("session", "seen", "merge_method"), ui(*POLL_TARGETS), show_progress="hidden",
                          api_visibility="private", queue=False)
         for kind in ("subject", "style"):
             ui[f"{kind}_use"].click(
@@ -266,12 +318,20 @@ def wire(demo: gr.Blocks, ui: UI, h: Handlers) -> None:
         ui["flow_cancel"].click(lambda s: h.cancel(s, "all"), ui("session"), ui("flow_status"),
                                 api_visibility="private")
         ui["train_btn"].click(h.train, ui(*TRAIN_INPUTS), ui("train_msg"), api_name="train")
+        ui["import_btn"].click(h.import_adapter, ui("session", "import_kind", "import_files"), ui("train_msg"),
+                               api_name="import_adapter")
         ui["resume_btn"].click(h.resume, ui(*TRAIN_INPUTS), ui("train_msg"), api_name="resume")
         ui["train_cancel"].click(lambda s: h.cancel(s, "train"), ui("session"), ui("train_msg"),
                                  api_visibility="private")
         gr.api(h.cancel, api_name="cancel")
         ui["merge_btn"].click(h.merge, ui("session", "merge_method", "lam", "merge_steps", "merge_subject_w",
                                           "merge_style_w", "density"), ui("merge_msg"), api_name="merge")
+        ui["train_format"].input(h.train_format, ui("session", "train_format"), ui("subject_dl", "style_dl"),
+                                 api_name="train_format")
+        ui["merged_format"].input(h.merged_format, ui("session", "merged_format", "merge_method"), ui("merged_dl"),
+                                  api_name="merged_format")
+        ui["merge_method"].change(h.merge_method_note, ui("session", "merge_method"), ui("merged_dl", "merge_msg"),
+                                  api_visibility="private", show_progress="hidden")
         ui["merge_cancel"].click(lambda s: h.cancel(s, "merge"), ui("session"), ui("merge_msg"),
                                  api_visibility="private")
         ui["prompt"].change(lambda p: p, ui("prompt"), ui("cmp_prompt"), api_visibility="private",

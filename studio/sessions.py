@@ -1,7 +1,7 @@
 """A visitor's session on disk: where its things live, what it remembers, what it may hold. No gradio here.
 
     <work dir>/<session id>/
-        settings.json                 the words that name its concepts, its whole-flow jobs
+        settings.json                 its base model, the words that name its concepts, its whole-flow jobs
         subject/images, style/images  the accepted uploads (and their caption sidecars)
         adapters/subject, …/style     trained adapters (zipq_core.adapters.folder layout)
         adapters/merged               the merged adapter (+ made_from.json: which adapters it was made from)
@@ -27,6 +27,8 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".
                             ".heic", ".heif"})  # the last two are refused by the data stage with a hint
 CAPTION_SUFFIX = ".txt"
 MADE_FROM = "made_from.json"
+PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"  # peft's save_pretrained
+MAX_IMAGE_BYTES = 20 * 2**20  # one image upload (the page's upload limit is the adapters' larger one)
 
 
 @dataclass
@@ -38,6 +40,8 @@ class Settings:
     style_token: str = STYLE_TOKEN
     style_noun: str = ""
     flow_jobs: tuple[str, ...] = ()
+    base: str = ""  # the base model's name in the operator's list ("": the first); adapters are made on it
+    formats: dict[str, str] = field(default_factory=dict)  # "train"/"merged" → the download format chosen
 
     @property
     def prompt(self) -> str:
@@ -75,6 +79,11 @@ class SessionPaths:
     @property
     def merged(self) -> Path:
         return inside(self.root, "adapters", "merged")
+
+    @property
+    def klora(self) -> Path:
+        """Present when the session's latest merge is K-LoRA: generation then picks each layer's adapter per step."""
+        return inside(self.root, "adapters", "klora.json")
 
     @property
     def outputs(self) -> Path:
@@ -144,7 +153,10 @@ def sort_uploads(files: Sequence[str | Path]) -> Uploads:
     out = Uploads()
     for p in paths:
         suffix = p.suffix.lower()
-        if suffix in IMAGE_SUFFIXES:
+        if suffix in IMAGE_SUFFIXES and p.stat().st_size > MAX_IMAGE_BYTES:
+            out.ignored.append(f"{p.name}: {p.stat().st_size / 2**20:.0f} MB, over the {MAX_IMAGE_BYTES // 2**20} MB "
+                               "limit per image (a JPEG or a smaller PNG of it will do)")
+        elif suffix in IMAGE_SUFFIXES:
             out.keep.append(p)
         elif suffix == CAPTION_SUFFIX and p.stem.lower() in stems:
             out.keep.append(p)
@@ -153,6 +165,47 @@ def sort_uploads(files: Sequence[str | Path]) -> Uploads:
         else:
             out.ignored.append(f"{p.name}: not an image (PNG, JPEG, WebP…) or a caption file")
     return out
+
+
+@dataclass
+class AdapterUpload:
+    """An uploaded adapter: its .safetensors file and peft's adapter_config.json when one came with it."""
+
+    weights: Path
+    config: Path | None = None
+
+    @property
+    def bytes(self) -> int:
+        return sum(p.stat().st_size for p in (self.weights, self.config) if p is not None)
+
+
+def sort_adapter_upload(files: Sequence[str | Path]) -> AdapterUpload:
+    """Exactly one .safetensors file (and at most one adapter_config.json), or a message saying what to send."""
+    paths = [Path(f) for f in files]
+    weights = [p for p in paths if p.suffix.lower() == ".safetensors"]
+    configs = [p for p in paths if p.suffix.lower() == ".json"]
+    others = [p.name for p in paths if p not in weights and p not in configs]
+    if others:
+        raise ZipqError(f"{', '.join(others)}: adapters are taken as .safetensors files only (pickled .ckpt/.pt/"
+                        ".bin files can run code), with peft's adapter_config.json beside one if it has one.")
+    if len(weights) != 1 or len(configs) > 1:
+        raise ZipqError(f"Send one adapter: one .safetensors file (got {len(weights)}), optionally with its "
+                        "adapter_config.json.")
+    if configs and configs[0].name != PEFT_CONFIG_NAME:
+        raise ZipqError(f"{configs[0].name}: the only JSON file taken is peft's {PEFT_CONFIG_NAME}.")
+    return AdapterUpload(weights[0], configs[0] if configs else None)
+
+
+def stage_adapter_upload(upload: AdapterUpload, folder: Path) -> Path:
+    """Copy an adapter upload into `folder`: the file alone, or a peft folder (weights + adapter_config.json)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if upload.config is None:
+        target = inside(folder, "adapter.safetensors")
+        shutil.copyfile(upload.weights, target)
+        return target
+    shutil.copyfile(upload.weights, inside(folder, PEFT_WEIGHTS_NAME))
+    shutil.copyfile(upload.config, inside(folder, PEFT_CONFIG_NAME))
+    return folder
 
 
 def stage_uploads(files: Sequence[Path], folder: Path) -> Path:
@@ -187,7 +240,7 @@ def discard_staged(folder: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ merged state
-def _weights_digest(folder: Path) -> str:
+def weights_digest(folder: Path) -> str:
     path = folder / WEIGHTS_NAME
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else ""
 
@@ -195,7 +248,7 @@ def _weights_digest(folder: Path) -> str:
 def record_made_from(paths: SessionPaths) -> None:
     """Note which subject and style adapters the merged adapter was made from (a later training keeps the merge
     but the page says it is out of date)."""
-    made = {kind: _weights_digest(paths.adapter(kind)) for kind in ("subject", "style")}
+    made = {kind: weights_digest(paths.adapter(kind)) for kind in ("subject", "style")}
     (paths.merged / MADE_FROM).write_text(json.dumps(made))
 
 
@@ -205,7 +258,7 @@ def merged_is_current(paths: SessionPaths) -> bool:
         made = json.loads((paths.merged / MADE_FROM).read_text())
     except (OSError, ValueError):
         return True  # merged before this was recorded: nothing to compare
-    return all(made.get(kind) == _weights_digest(paths.adapter(kind)) for kind in ("subject", "style"))
+    return all(made.get(kind) == weights_digest(paths.adapter(kind)) for kind in ("subject", "style"))
 
 
 def usage(paths: SessionPaths) -> tuple[int, int]:

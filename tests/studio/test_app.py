@@ -155,7 +155,39 @@ def test_two_sessions_are_isolated(client, server):
     from studio.handlers import Handlers
 
     restored = Handlers(studio).restore(a)
-    assert restored[0] == a and len(restored[2]) == 5 and restored[7] == "bolt"
+    assert restored[0] == a and len(restored[2]) == 5 and restored[7].value == "bolt"  # the class-noun box
+
+
+def test_base_choice_an_existing_lora_and_a_download_format_through_the_api(client, server, tmp_path):
+    from gradio_client import handle_file
+
+    from zipq_core.adapters import save_adapter
+
+    from helpers import adapter_for
+
+    studio = server[1]
+    session = client.predict(api_name="/new_session")
+    fields = client.predict(session, "mini", api_name="/choose_base")
+    assert fields[0] == "mini" and "mini" in fields[1] and fields[2] == studio.defaults.steps
+    for forged in ("/etc/passwd", "stabilityai/stable-diffusion-xl-base-1.0"):  # never a base outside the list
+        with pytest.raises(Exception) as excinfo:
+            client.predict(session, forged, api_name="/choose_base")
+        assert "Traceback" not in error_text(excinfo)
+    assert studio.base_name(session) == "mini" and studio.bases.choices() == ["mini"]
+
+    weights = save_adapter(adapter_for(studio.base.unet, dora=True, seed=7), tmp_path / "mine")
+    lora = tmp_path / "my_style.safetensors"
+    lora.write_bytes(weights.read_bytes())
+    msg = client.predict(session, "style", [handle_file(str(lora))], api_name="/import_adapter")
+    assert msg.startswith("Using my_style.safetensors") and "as the style adapter" in msg
+    (tmp_path / "model.ckpt").write_text("a pickle")
+    with pytest.raises(Exception) as excinfo:  # refused by the upload's file types before it reaches the studio
+        client.predict(session, "subject", [handle_file(str(tmp_path / "model.ckpt"))], api_name="/import_adapter")
+    assert "Invalid file type" in error_text(excinfo) and not studio.paths(session).has_adapter("subject")
+    subject, style = client.predict(session, "lycoris", api_name="/train_format")
+    assert subject["interactive"] is False and subject["value"] is None  # no subject adapter: a disabled button
+    assert style["interactive"] and style["label"] == "Download style adapter (lycoris)"
+    assert style["value"].endswith("zipq-style-sks-lycoris.safetensors") and Path(style["value"]).stat().st_size > 0
 
 
 def test_share_fails_fast_offline(monkeypatch, capsys):
@@ -181,6 +213,11 @@ def test_cli_flags_validate_and_launch_settings():
     assert kwargs["max_file_size"] == launch.MAX_FILE_SIZE and "allowed_paths" not in kwargs
     args = launch.parse_args(["--max-job-seconds", "60", "--heartbeat-seconds", "30", "--session-quota-mb", "5"])
     assert (args.max_job_seconds, args.heartbeat_seconds, args.session_quota_mb) == (60, 30, 5)
+    args = launch.parse_args(["--bases", "mini, a/b", "--max-loaded-bases", "1", "--max-adapter-mb", "300"])
+    assert (args.bases, args.max_loaded_bases, args.max_adapter_mb) == ("mini, a/b", 1, 300)
+    assert launch.base_list(args) == ["mini", "a/b"]
+    assert launch.base_list(launch.parse_args(["--base", "mini", "--bases", "mini,x/y"])) == ["mini", "x/y"]
+    assert launch.base_list(launch.parse_args(["--base", "a/b"])) == ["a/b"]
 
 
 def test_empty_number_fields_are_named_not_crashes(client):

@@ -43,6 +43,16 @@ def test_uploads_keep_images_and_their_captions_only(tmp_path):
     assert [line.split(":")[0] for line in sorted_.ignored] == ["orphan.txt", "notes.pdf"]
 
 
+def test_an_image_over_the_size_limit_is_not_kept(tmp_path):
+    # The page's upload limit is the adapters' (up to 1 GiB): images are held to their own limit here.
+    big = tmp_path / "huge.png"
+    with big.open("wb") as f:
+        f.truncate(21 * 2**20)
+    sorted_ = sort_uploads([big, *images(tmp_path, 1)])
+    assert [p.name for p in sorted_.keep] == ["0.png"]
+    assert sorted_.ignored[0].startswith("huge.png: 21 MB, over the 20 MB limit per image")
+
+
 def test_a_refused_upload_keeps_the_earlier_images(studio, tmp_path):
     session = studio.new_session()
     stored = studio.store_images("subject", session, images(tmp_path / "a", 3), "sks", "thing")
@@ -142,3 +152,23 @@ def test_a_job_that_runs_out_of_memory_fails_with_advice_and_the_next_one_runs(s
     again = studio.submit_training(session, TrainForm(which="subject", steps=4, resolution=64))[0]
     studio.registry.wait(again.id, 120)
     assert again.status == "done", again.error
+
+
+def test_klora_is_a_merge_without_a_file_that_generation_uses_until_the_next_merge(mini, tmp_path):
+    """Choosing K-LoRA records the choice (a short job, no merged file); generation then runs K-LoRA on the two
+    adapters; a later merge with a file takes over again."""
+    registry = JobRegistry(root=tmp_path / "sessions")
+    studio = Studio(mini, registry, budget_s=120.0, speed=plan.Speed(flops_per_second=2e10))
+    session = studio.new_session()
+    loaded, jobs, _ = studio.run_flow(session, "moon", "grid", 3, "klora", 2, "", 1)
+    for job in jobs:
+        studio.registry.wait(job.id, 120)
+    assert [j.status for j in jobs] == ["done"] * 4, [j.error for j in jobs]
+    paths = studio.paths(session)
+    assert studio.uses_klora(paths) and not paths.has_adapter("merged")
+    assert "K-LoRA" in " ".join(jobs[-1].log) and "K-LoRA" in " ".join(jobs[2].log)
+    assert len([k for k in jobs[-1].artifacts if k.startswith("image")]) == 4
+    merge = studio.submit_merge(session, MergeForm(method="direct"))
+    studio.registry.wait(merge.id, 120)
+    assert merge.status == "done" and paths.has_adapter("merged") and not studio.uses_klora(paths)
+    registry.close()
