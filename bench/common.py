@@ -7,6 +7,7 @@ installing the package or setting PYTHONPATH.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,3 +22,25 @@ def emit_json(result: dict, out: Path | None) -> None:
     print(text)
     if out:
         out.write_text(text)
+
+
+def train_concept_adapter(base, kind: str, folder: Path, out: Path, marker: Path | None = None, **settings) -> Path:
+    """An adapter trained on a concept's example set (zipq_mini.concepts: its tokens and class nouns, captions from
+    the set's sidecar files), with mini's family defaults then `settings`; a finished one (`marker`, by default
+    out/done) is reused, so an interrupted benchmark resumes."""
+    from zipq_core import TrainConfig, train_adapter
+    from zipq_core.data import DataConfig, prepare_images
+    from zipq_mini import concepts
+
+    marker = marker or out / "done"
+    if marker.is_file():
+        return out
+    token = concepts.SUBJECT_TOKEN if kind == "subject" else concepts.STYLE_TOKEN
+    noun = "shape" if kind == "subject" else "picture"
+    cfg = TrainConfig.for_family("mini", kind=kind, token=token, class_noun=noun, **settings)
+    images = prepare_images(folder, cfg.instance_prompt, DataConfig(), token=token)
+    shutil.rmtree(out, ignore_errors=True)
+    for _ in train_adapter(base, images, cfg, out):
+        pass
+    marker.write_text("")
+    return out

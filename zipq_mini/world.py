@@ -198,11 +198,17 @@ def _place(poly: Polygon, scene: Scene) -> Polygon:
             for x, y in poly]
 
 
-def shape_mask(scene: Scene) -> np.ndarray:
-    """The subject's coverage at supersampled resolution, float32 (256, 256) in [0, 1]."""
+def shape_mask(scene: Scene, parts: list[tuple[Polygon, bool]] | None = None) -> np.ndarray:
+    """The subject's coverage at supersampled resolution, float32 (256, 256) in [0, 1].
+
+    Args:
+        scene: Where and how large to draw the subject.
+        parts: Unit polygons to draw instead of ``shape_parts(scene.subject)`` (a shape from outside the
+            world's lists, e.g. ``zipq_mini.concepts``).
+    """
     img = Image.new("L", (SIZE * _SS, SIZE * _SS), 0)
     draw = ImageDraw.Draw(img)
-    for poly, hole in shape_parts(scene.subject):
+    for poly, hole in shape_parts(scene.subject) if parts is None else parts:
         draw.polygon(_place(poly, scene), fill=0 if hole else 255)
     return np.asarray(img, dtype=np.float32) / 255.0
 
@@ -291,18 +297,20 @@ def _second_tone(colour: np.ndarray, background: np.ndarray) -> np.ndarray:
     return colour * 0.5
 
 
-def render(scene: Scene, pattern: np.ndarray | None = None) -> Image.Image:
+def render(scene: Scene, pattern: np.ndarray | None = None,
+           parts: list[tuple[Polygon, bool]] | None = None) -> Image.Image:
     """Draw a scene.
 
     Args:
         scene: What to draw.
         pattern: Replaces the style's two-tone pattern ((256, 256) in [0, 1], 1 = main colour), e.g. a
             ``generic_pattern`` for codec training; None draws ``scene.style``.
+        parts: Replaces the subject's polygons (see ``shape_mask``); None draws ``scene.subject``.
 
     Returns:
         A 64x64 RGB PIL image (deterministic: same scene, same pixels).
     """
-    mask = shape_mask(scene)  # (256, 256)
+    mask = shape_mask(scene, parts)  # (256, 256)
     colour = np.array(COLOURS[scene.colour], dtype=np.float32)
     bg = np.array(BACKGROUNDS[scene.background], dtype=np.float32)
     if pattern is None and scene.style == "outline":

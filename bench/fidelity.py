@@ -1,0 +1,287 @@
+"""Fidelity on the test split: every merge method at equal compute, scored by the label-free judge.
+
+The protocol of issue 19 (ZipLoRA's subjects × styles): the 12 pairs of ``zipq_mini.concepts.pairs("test")``
+(6 test subjects × 6 test styles, each concept in 2 pairs, drawn from families nothing was tuned on). Per pair and
+seed (a *shard*): write the concepts' example sets (5 subject images, 3 style images), train subject and style
+DoRA (and LoRA for ZipLoRA) with the core's defaults, merge with every method and generate from the prompts
+"a photo of a {colour} sks shape in zkz style on a {background} background" (a colour and background per group of
+8 images, drawn by the shard's seed). Rows:
+
+- ``<method>`` (direct, zip, zipq, ties, dare, blora; klora when ``zipq_core.merge.klora`` exists, from the two
+  adapters with its per-step choice of layers): generated as the app does (``config.Sliders``, the subject part
+  weaker below the hand-off, each image the best of mini's ``FamilyDefaults.candidates``): equal compute for every
+  method;
+- ``subject_only`` / ``style_only``: one adapter at strength 1 with the same candidates;
+- ``<method>_file``: the merged file alone at 1 / 1 with one candidate (what ComfyUI and diffusers users get);
+  K-LoRA, timestep-dependent, has no static file and no such row.
+
+Shards resume: a shard is ``<shards>/<subject>__<style>__seed<k>.npz`` (the images of every row) and a ``.json``
+written last; a started shard keeps its adapters and finished rows under ``<shards>/work`` until it is done.
+
+    python bench/fidelity.py --shards runs/fidelity [--part 1/4] [--seeds 1] [--steps 300] [--images 32]
+    python bench/fidelity.py --shards runs/fidelity --report FILE [--markdown F]
+
+``--report`` scores every finished shard with the judge (``zipq_mini.judge``; identification = the nearest
+reference centroid among the 6 test concepts of that kind, fidelity = mean cosine to the concept's 16 reference
+renders) and the evaluator's colour and background heads (text fidelity: the world still labels those), and
+bootstraps paired differences (2000 resamples: pairs, then images within each pair) with 95 % intervals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from common import emit_json, train_concept_adapter  # first: it puts the checkout on the import path
+
+import numpy as np
+
+from zipq_core import GenerateConfig, TrainConfig, generate, load_adapter, load_base
+from zipq_core.config import FAMILY_DEFAULTS, MergeConfig, Sliders
+from zipq_core.merge import merge_adapters, slider_adapters
+from zipq_mini import concepts, judge, world
+
+MERGES = ["direct", "zip", "zipq", "ties", "dare", "blora"]  # methods that write a merged file
+# K-LoRA chooses each layer's adapter anew at every step: generated from the two adapters, no file, no file row.
+LIVE = ["klora"] if importlib.util.find_spec("zipq_core.merge.klora") else []
+ROWS = ["subject_only", "style_only", *MERGES, *LIVE, *(f"{m}_file" for m in MERGES)]
+COMPARISONS = [("zipq", "direct"), ("zipq", "klora"), ("zipq_file", "direct_file"), ("zipq", "subject_only"),
+               ("zipq", "style_only")]
+METRICS = ["subject_fidelity", "style_fidelity", "subject_id", "style_id", "text"]
+PROMPT = "a photo of a {colour} sks shape in zkz style on a {background} background"
+GROUP = 8  # images per prompt (one GenerateConfig batch)
+
+
+# ------------------------------------------------------------------------------------------------ shards
+def shard_tasks(seeds: int) -> list[tuple[int, int]]:
+    """(pair index, seed) of every shard, seed-major so that a partial run covers all pairs first."""
+    return [(p, s) for s in range(seeds) for p in range(len(concepts.pairs("test")))]
+
+
+def shard_name(pair: int, seed: int) -> str:
+    subject, style = concepts.pairs("test")[pair]
+    return f"{subject.name}__{style.name}__seed{seed}"
+
+
+def my_tasks(tasks: list[tuple[int, int]], part: str) -> list[tuple[int, int]]:
+    """The tasks of part "i/n" (1-based): every n-th task from the i-th."""
+    i, n = (int(x) for x in part.split("/"))
+    if not 1 <= i <= n:
+        raise SystemExit(f"--part must be i/n with 1 <= i <= n, not {part}")
+    return tasks[i - 1::n]
+
+
+def prompts(pair: int, seed: int, images: int) -> list[tuple[str, str]]:
+    """(colour, background) per group of GROUP images, drawn by the shard's seed; the colour always contrasts."""
+    rng = np.random.default_rng([pair, seed, 19])
+    out = []
+    for _ in range(-(-images // GROUP)):
+        colour = str(rng.choice(world.COLOUR_NAMES))
+        backgrounds = [b for b in world.BACKGROUND_NAMES if b != "white" or colour != "yellow"]
+        out.append((colour, str(rng.choice(backgrounds))))
+    return out
+
+
+def merge(base, method: str, dirs: dict[str, Path], seed: int, args, out: Path) -> dict:
+    """Merge once (reused when done) → {"dir", "merge_seconds", "adapter_bytes"}."""
+    record = out / "merge.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    kind = "lora" if method == "zip" else "dora"
+    cfg = MergeConfig(method=method, steps=args.merge_steps, learning_rate=args.merge_lr, seed=seed)
+    last = list(merge_adapters(base, dirs[f"subject_{kind}"], dirs[f"style_{kind}"], cfg, out))[-1]
+    info = {"dir": str(out), "merge_seconds": last.elapsed, "adapter_bytes": last.summary.get("adapter_bytes", 0)}
+    record.write_text(json.dumps(info))
+    return info
+
+
+def row_adapters(base, row: str, dirs: dict[str, Path], merged: dict[str, dict]) -> tuple[list, int, object]:
+    """What a row generates with: (adapter specs, candidates per image, generate's per-step schedule or None)."""
+    best_of, app = FAMILY_DEFAULTS["mini"].candidates, Sliders()
+    if row in ("subject_only", "style_only"):
+        return [(load_adapter(dirs[f"{row.split('_')[0]}_dora"]), 1.0)], best_of, None
+    if row == "klora":  # the app's sliders and hand-off, the layers' choice per step (zipq_core.merge.klora)
+        from zipq_core.merge import klora_plan
+
+        plan = klora_plan(base, dirs["subject_dora"], dirs["style_dora"], app)
+        return plan.adapters, best_of, plan.schedule
+    if row.endswith("_file"):  # the single standard file, as another tool loads it
+        return [(load_adapter(Path(merged[row[: -len('_file')]]["dir"]) / "pytorch_lora_weights.safetensors"),
+                 1.0)], 1, None
+    return slider_adapters(merged[row]["dir"], app.subject, app.style, app.subject_detail), best_of, None
+
+
+def sample(base, groups: list[tuple[str, str]], seed: int, images: int, adapters, candidates: int,
+           schedule=None) -> np.ndarray:
+    """Images (N, 64, 64, 3) uint8: group k from PROMPT with its colour and background, seeded 1000 * seed + k."""
+    out = []
+    options = {} if schedule is None else {"schedule": schedule}
+    for k, (colour, background) in enumerate(groups):
+        config = GenerateConfig(prompt=PROMPT.format(colour=colour, background=background), seed=1000 * seed + k,
+                                steps=20, num_images=min(GROUP, images - k * GROUP), candidates=candidates)
+        out += [np.asarray(im.convert("RGB")) for im in generate(base, config, adapters, **options)]
+    return np.stack(out)
+
+
+def run_shard(base, pair: int, seed: int, args, shards: Path) -> Path:
+    """Train, merge, generate every row of one shard; rows and adapters resume from ``shards/work``."""
+    name = shard_name(pair, seed)
+    subject, style = concepts.pairs("test")[pair]
+    work = shards / "work" / name
+    rows_dir = work / "rows"
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    sets = {"subject": concepts.write_example_set(subject, work / "examples" / "subject", seed),
+            "style": concepts.write_example_set(style, work / "examples" / "style", seed)}
+    dirs = {f"{kind}_{m}": train_concept_adapter(base, kind, sets[kind], work / f"{kind}_{m}", method=m,
+                                                     steps=args.steps, seed=seed, learning_rate=args.lr)
+            for kind in ("subject", "style") for m in ("dora", "lora")}
+    merged = {m: merge(base, m, dirs, seed, args, work / f"merged_{m}") for m in MERGES}
+    groups = prompts(pair, seed, args.images)
+    for row in ROWS:
+        path = rows_dir / f"{row}.npy"
+        if path.is_file():
+            continue
+        adapters, candidates, schedule = row_adapters(base, row, dirs, merged)
+        np.save(rows_dir / f"{row}.tmp.npy", sample(base, groups, seed, args.images, adapters, candidates, schedule))
+        (rows_dir / f"{row}.tmp.npy").rename(path)  # a row counts once fully written
+        print(f"{name}: {row} done at {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+    np.savez_compressed(shards / f"{name}.npz", **{row: np.load(rows_dir / f"{row}.npy") for row in ROWS})
+    meta = {"subject": subject.name, "style": style.name, "pair": pair, "seed": seed, "rows": ROWS,
+            "groups": [{"colour": c, "background": b, "prompt": PROMPT.format(colour=c, background=b)}
+                       for c, b in groups], "images": args.images,
+            "merges": {m: {k: v for k, v in info.items() if k != "dir"} for m, info in merged.items()},
+            "settings": {k: str(v) for k, v in vars(args).items()}, "seconds": round(time.time() - started, 1)}
+    (shards / f"{name}.json").write_text(json.dumps(meta, indent=1))  # last: marks the shard finished
+    shutil.rmtree(work, ignore_errors=True)
+    return shards / f"{name}.json"
+
+
+def run_shards(args) -> None:
+    import torch
+
+    torch.set_grad_enabled(True)
+    args.shards.mkdir(parents=True, exist_ok=True)
+    todo = [t for t in my_tasks(shard_tasks(args.seeds), args.part)
+            if not (args.shards / f"{shard_name(*t)}.json").is_file()]
+    print(f"{len(todo)} shards to run", file=sys.stderr, flush=True)
+    base = load_base("mini")
+    for pair, seed in todo:
+        print(f"done: {run_shard(base, pair, seed, args, args.shards)}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ report
+def references(kind: str, j: judge.Judge) -> dict[str, np.ndarray]:
+    """Judge embeddings of each test concept's 16 reference renders."""
+    s = concepts.split("test")
+    return {c.name: j.embed(concepts.reference_images(c, 16, seed=0), kind)
+            for c in (s.subjects if kind == "subject" else s.styles)}
+
+
+def score_images(images: np.ndarray, subject: str, style: str, groups: list[dict], j: judge.Judge,
+                 refs: dict[str, dict[str, np.ndarray]], evaluator) -> dict[str, np.ndarray]:
+    """Per-image scores (N,) of one row: judge fidelity and identification per kind, text fidelity."""
+    out = {}
+    for kind, name in (("subject", subject), ("style", style)):
+        e = j.embed(list(images), kind)
+        out[f"{kind}_fidelity"] = (e @ refs[kind][name].T).mean(axis=1)
+        out[f"{kind}_id"] = np.array([n == name for n in judge.identify(e, refs[kind])], dtype=np.float64)
+    probs = evaluator.predict(images)
+    colours = [g["colour"] for g in groups for _ in range(GROUP)][: len(images)]
+    backgrounds = [g["background"] for g in groups for _ in range(GROUP)][: len(images)]
+    ok_c = probs["colour"].argmax(1) == np.array([world.COLOUR_NAMES.index(c) for c in colours])
+    ok_b = probs["background"].argmax(1) == np.array([world.BACKGROUND_NAMES.index(b) for b in backgrounds])
+    out["text"] = (ok_c.astype(np.float64) + ok_b) / 2
+    return out
+
+
+def load_scores(shards: Path, j: judge.Judge, evaluator) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """{pair key: {row: {metric: per-image scores over the pair's finished seeds}}}."""
+    refs = {k: references(k, j) for k in judge.KINDS}
+    out: dict = {}
+    for meta_path in sorted(shards.glob("*__*__seed*.json")):  # shards only (a report may sit beside them)
+        meta = json.loads(meta_path.read_text())
+        data = np.load(meta_path.with_suffix(".npz"))
+        key = f"{meta['subject']} × {meta['style']}"
+        for row in meta["rows"]:
+            s = score_images(data[row], meta["subject"], meta["style"], meta["groups"], j, refs, evaluator)
+            dest = out.setdefault(key, {}).setdefault(row, {})
+            for m, v in s.items():
+                dest[m] = np.concatenate([dest[m], v]) if m in dest else v
+    return out
+
+
+def bootstrap(per_pair: list[np.ndarray], resamples: int = 2000, seed: int = 0) -> dict:
+    """Mean and 95 % interval of per-image values grouped by pair: resample pairs, then images within each."""
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for r in range(resamples):
+        picked = rng.integers(len(per_pair), size=len(per_pair))
+        means[r] = np.mean(np.concatenate([per_pair[p][rng.integers(len(per_pair[p]), size=len(per_pair[p]))]
+                                           for p in picked]))
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(np.mean(np.concatenate(per_pair))), "low": float(low), "high": float(high),
+            "half_width": float((high - low) / 2), "pairs": len(per_pair),
+            "images": int(sum(len(v) for v in per_pair))}
+
+
+def report(scores: dict, resamples: int = 2000) -> dict:
+    """Per-row means with intervals, and paired differences (same images' seeds and prompts) with intervals."""
+    rows = sorted({row for pair in scores.values() for row in pair}, key=lambda r: ROWS.index(r) if r in ROWS else 99)
+    table = {row: {m: bootstrap([scores[p][row][m] for p in scores if row in scores[p]], resamples)
+                   for m in METRICS} for row in rows}
+    diffs = {}
+    for a, b in COMPARISONS:
+        keys = [p for p in scores if a in scores[p] and b in scores[p]]
+        if keys:
+            diffs[f"{a} - {b}"] = {m: bootstrap([scores[p][a][m] - scores[p][b][m] for p in keys], resamples)
+                                   for m in METRICS}
+    return {"rows": table, "differences": diffs, "pairs": sorted(scores)}
+
+
+def markdown(result: dict) -> str:
+    def cell(v: dict) -> str:
+        return f"{v['mean']:.3f} ± {v['half_width']:.3f}"
+
+    lines = ["| row | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    lines += [f"| {row} | " + " | ".join(cell(v[m]) for m in METRICS) + " |" for row, v in result["rows"].items()]
+    lines += ["", "| paired difference | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    lines += [f"| {name} | " + " | ".join(f"{v[m]['mean']:+.3f} [{v[m]['low']:+.3f}, {v[m]['high']:+.3f}]"
+                                          for m in METRICS) + " |" for name, v in result["differences"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", type=Path, required=True, help="folder of shards (created; resumed)")
+    parser.add_argument("--part", default="1/1", help="run every n-th shard from the i-th: i/n")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=300, help="training steps per adapter")
+    parser.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
+    parser.add_argument("--merge-steps", type=int, default=100)
+    parser.add_argument("--merge-lr", type=float, default=3e-3)
+    parser.add_argument("--images", type=int, default=32, help="images per row and shard (groups of 8 per prompt)")
+    parser.add_argument("--report", type=Path, default=None, help="score the finished shards into this JSON file")
+    parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--resamples", type=int, default=2000)
+    args = parser.parse_args()
+    if args.report is None:
+        run_shards(args)
+        return
+    from zipq_mini.evaluator import load_evaluator
+
+    started = time.time()
+    result = report(load_scores(args.shards, judge.load_judge(), load_evaluator()), args.resamples)
+    result["seconds"] = round(time.time() - started, 1)
+    emit_json(result, args.report)
+    if args.markdown:
+        args.markdown.write_text(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,390 @@
+"""Concepts drawn from continuous families, split into a tuning split and a test split.
+
+The world's named subjects and styles (``zipq_mini.world``) are a dozen fixed shapes and textures; the recipe,
+the sliders and the candidate rule were chosen on them. To measure fidelity on concepts that nothing was tuned
+on, this module draws new ones from broader families, with continuous parameters:
+
+- ``SubjectConcept``: a radial silhouette r(θ) = 1 + depth · s(cos(lobes · (θ − phase))) with a sharpness
+  exponent in s, squeezed by an aspect ratio and a taper (narrower at the top or the bottom), with an optional
+  hole and an optional attached part (a knob or a stem);
+- ``StyleConcept``: a two-tone texture of one of six kinds (lines, dots, grid, waves, rings, checks) with a
+  period, an angle, a line thickness (duty cycle), a contrast and a smooth jitter field.
+
+Splits are drawn by seed: ``tuning`` (seed 1009: 4 subjects, 4 styles) is what defaults may be chosen on;
+``test`` (seed 2027: 6 subjects, 6 styles) is only ever scored. A candidate subject is rejected when its
+silhouette overlaps a world subject, a tuning subject or an earlier one of its split by IoU > 0.7 at any
+rotation within ±25° (the world's pose range); a candidate style when its spectrum is too close to an accepted
+one's. ``pairs`` crosses test subject i with styles i and i+1: 12 pairs, each concept in 2.
+
+``example_set`` renders what a user would bring (5 subject images in a flat fill, 3 style images of large
+world subjects) and ``write_example_set`` writes them as PNG + caption sidecars, the layout
+``zipq_core.data.prepare_images`` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import world
+
+SPLIT_SEEDS: dict[str, int] = {"tuning": 1009, "test": 2027}
+SPLIT_SIZES: dict[str, int] = {"tuning": 4, "test": 6}
+TEXTURE_KINDS: tuple[str, ...] = ("lines", "dots", "grid", "waves", "rings", "checks")
+PART_KINDS: tuple[str, ...] = ("", "knob", "stem")
+MAX_IOU = 0.7  # silhouettes overlapping more than this at some pose count as the same subject
+MAX_SPECTRUM_COSINE = 0.9  # textures whose power spectra are closer than this count as the same style
+SUBJECT_TOKEN, STYLE_TOKEN = "sks", "zkz"
+_N = world.SIZE * 4  # the world's supersampled grid side (256)
+
+
+# ---------------------------------------------------------------------------------------------- subjects
+@dataclass(frozen=True)
+class SubjectConcept:
+    """A silhouette with continuous parameters (unit coordinates, radius ~1, y down)."""
+
+    name: str
+    lobes: int  # bumps around the outline (2..7)
+    depth: float  # bump amplitude relative to the radius (0.15..0.45)
+    sharpness: float  # exponent on the bumps: < 1 boxy, > 1 spiky
+    phase: float  # rotation of the bumps, degrees
+    aspect: float  # width / height (0.6..1.0)
+    taper: float  # width change from top to bottom (-0.35..0.35)
+    hole: float  # radius of a hole (0 = none)
+    part: str  # "" (none), "knob" (a disc on the rim) or "stem" (a bar out of the rim)
+    part_angle: float  # where the part sits, degrees (0 = right, 90 = down)
+
+    def parts(self) -> list[tuple[world.Polygon, bool]]:
+        """The silhouette as ``[(polygon, is_hole)]`` for ``world.shape_mask``/``world.render``: fills, then holes."""
+        body = [self._point(2 * math.pi * i / 96) for i in range(96)]
+        fills = [body] + ([self._part()] if self.part else [])
+        scale = 0.95 / max(math.hypot(x, y) for poly in fills for x, y in poly)  # fit the world's unit radius
+        out = [([(x * scale, y * scale) for x, y in poly], False) for poly in fills]
+        if self.hole > 0:
+            out.append(([(x * scale, y * scale) for x, y in _circle(0.0, 0.05, self.hole)], True))
+        return out
+
+    def _radius(self, t: float) -> float:
+        c = math.cos(self.lobes * (t - math.radians(self.phase)))
+        return 1.0 + self.depth * math.copysign(abs(c) ** self.sharpness, c)
+
+    def _point(self, t: float) -> tuple[float, float]:
+        r = self._radius(t)
+        y = r * math.sin(t)
+        return r * math.cos(t) * self.aspect * (1.0 + self.taper * y), y
+
+    def _part(self) -> world.Polygon:
+        a = math.radians(self.part_angle)
+        x, y = self._point(a)
+        if self.part == "knob":  # a disc centred on the rim
+            return _circle(x, y, 0.32)
+        # stem: a bar of half-width 0.12 from inside the rim to 0.45 beyond it, along the radius
+        ux, uy, w = math.cos(a), math.sin(a), 0.12
+        near, far = 0.7, math.hypot(x, y) + 0.45
+        return [(near * ux - w * uy, near * uy + w * ux), (far * ux - w * uy, far * uy + w * ux),
+                (far * ux + w * uy, far * uy - w * ux), (near * ux + w * uy, near * uy - w * ux)]
+
+
+def _circle(cx: float, cy: float, r: float, n: int = 48) -> world.Polygon:
+    return [(cx + r * math.cos(2 * math.pi * i / n), cy + r * math.sin(2 * math.pi * i / n)) for i in range(n)]
+
+
+def random_subject(rng: np.random.Generator, name: str) -> SubjectConcept:
+    """A subject with parameters drawn uniformly from the family's ranges."""
+    hole = float(rng.uniform(0.18, 0.3)) if rng.random() < 0.3 else 0.0
+    return SubjectConcept(name=name, lobes=int(rng.integers(2, 8)), depth=float(rng.uniform(0.15, 0.45)),
+                          sharpness=float(rng.uniform(0.4, 2.5)), phase=float(rng.uniform(0, 360)),
+                          aspect=float(rng.uniform(0.6, 1.0)), taper=float(rng.uniform(-0.35, 0.35)), hole=hole,
+                          part=str(PART_KINDS[int(rng.integers(len(PART_KINDS)))]),
+                          part_angle=float(rng.uniform(0, 360)))
+
+
+# ------------------------------------------------------------------------------------------------ styles
+@dataclass(frozen=True)
+class StyleConcept:
+    """A two-tone texture with continuous parameters (periods in output pixels)."""
+
+    name: str
+    kind: str  # one of TEXTURE_KINDS
+    period: float  # 6..12 px: the world's VAE keeps periods >= 6 px
+    angle: float  # degrees
+    thickness: float  # fraction of a period in the main colour (lines) or the dot / line size
+    contrast: float  # 1 = the full second tone, lower = the second tone mixed toward the main colour
+    jitter: float  # amplitude of a smooth displacement field, in periods
+    seed: int  # of the jitter field
+
+    def pattern(self, cx: float = 32.0, cy: float = 32.0) -> np.ndarray:
+        """Which pixels take the main colour, (256, 256) float32 in [0, 1] (``world.render``'s ``pattern``).
+
+        Args:
+            cx, cy: The shape's centre in output pixels (rings are concentric around it).
+        """
+        return texture(self, cx, cy)
+
+
+@lru_cache(maxsize=1)
+def _grid() -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = (np.mgrid[0:_N, 0:_N].astype(np.float32) + 0.5) / 4  # output-pixel coordinates, (256, 256) each
+    return xx, yy
+
+
+def _jitter_field(seed: int) -> np.ndarray:
+    """A smooth random field (256, 256) in about [-1, 1]: noise on a 5x5 grid, bicubically upsampled."""
+    coarse = np.random.default_rng(seed).uniform(-1, 1, (5, 5)).astype(np.float32)
+    return np.asarray(Image.fromarray(coarse, "F").resize((_N, _N), Image.Resampling.BICUBIC))
+
+
+def texture(style: StyleConcept, cx: float = 32.0, cy: float = 32.0) -> np.ndarray:
+    """The style's two-tone pattern on the world's supersampled grid, (256, 256) float32, 1 = main colour."""
+    xx, yy = _grid()
+    a = math.radians(style.angle)
+    u = xx * math.cos(a) + yy * math.sin(a)  # across the lines
+    v = -xx * math.sin(a) + yy * math.cos(a)  # along the lines
+    shift = style.jitter * style.period * _jitter_field(style.seed) if style.jitter else 0.0
+    p, t = style.period, style.thickness
+    if style.kind == "lines":
+        on = ((u + shift) / p) % 1 < t
+    elif style.kind == "dots":  # dots of radius t*p/2 on a square lattice
+        du, dv = ((u + shift) % p) - p / 2, (v % p) - p / 2
+        on = np.hypot(du, dv) < t * p / 2
+    elif style.kind == "grid":  # thin tone lines both ways; the cells take the main colour
+        on = (((u + shift) % p) >= (1 - t) * p / 2) & ((v % p) >= (1 - t) * p / 2)
+    elif style.kind == "waves":
+        on = ((u + 0.25 * p * np.sin(2 * math.pi * v / (2 * p)) + shift) / p) % 1 < t
+    elif style.kind == "rings":
+        on = ((np.hypot(xx - cx, yy - cy) + shift) / p) % 1 < t
+    elif style.kind == "checks":
+        on = (np.floor((u + shift) / p) + np.floor(v / p)) % 2 == 0
+    else:
+        raise ValueError(f"unknown texture kind {style.kind!r}; known: {TEXTURE_KINDS}")
+    on = on.astype(np.float32)
+    return on + (1.0 - on) * (1.0 - style.contrast)
+
+
+def random_style(rng: np.random.Generator, name: str, kind: str | None = None) -> StyleConcept:
+    """A style with parameters drawn uniformly from the family's ranges (``kind`` fixes the kind)."""
+    kind = kind or str(TEXTURE_KINDS[int(rng.integers(len(TEXTURE_KINDS)))])
+    thickness = {"lines": (0.3, 0.65), "dots": (0.45, 0.8), "grid": (0.55, 0.8), "waves": (0.35, 0.65),
+                 "rings": (0.3, 0.65), "checks": (0.5, 0.5)}[kind]
+    return StyleConcept(name=name, kind=kind, period=float(rng.uniform(6.0, 12.0)), angle=float(rng.uniform(0, 180)),
+                        thickness=float(rng.uniform(*thickness)), contrast=float(rng.uniform(0.7, 1.0)),
+                        jitter=float(rng.uniform(0.0, 0.3)) if rng.random() < 0.5 else 0.0,
+                        seed=int(rng.integers(2**31)))
+
+
+# ---------------------------------------------------------------------------------------------- similarity
+def _mask(parts: list[tuple[world.Polygon, bool]], angle: float = 0.0) -> np.ndarray:
+    return world.shape_mask(world.Scene("concept", "flat", "red", "white", 32, 32, 22, angle), parts)
+
+
+def silhouette_iou(a: list[tuple[world.Polygon, bool]], b: list[tuple[world.Polygon, bool]]) -> float:
+    """The largest IoU of two silhouettes (same centre and radius) over rotations of ``a`` within ±25°."""
+    mb = _mask(b)
+    best = 0.0
+    for angle in range(-25, 26, 5):
+        ma = _mask(a, angle)
+        best = max(best, float(np.minimum(ma, mb).sum() / max(np.maximum(ma, mb).sum(), 1e-6)))
+    return best
+
+
+def _spectrum(style: StyleConcept) -> np.ndarray:
+    """Mean-removed magnitude spectrum of the texture at 64 px, flattened and unit-normalised."""
+    small = texture(style).reshape(64, 4, 64, 4).mean(axis=(1, 3))
+    mag = np.abs(np.fft.rfft2(small - small.mean())).ravel()
+    return mag / max(np.linalg.norm(mag), 1e-6)
+
+
+def spectrum_cosine(a: StyleConcept, b: StyleConcept) -> float:
+    """How alike two textures' magnitude spectra are (1 = same frequencies and orientations)."""
+    return float(_spectrum(a) @ _spectrum(b))
+
+
+# ------------------------------------------------------------------------------------------------ splits
+@dataclass(frozen=True)
+class Split:
+    """The concepts of one split."""
+
+    name: str
+    subjects: tuple[SubjectConcept, ...]
+    styles: tuple[StyleConcept, ...]
+
+
+def _draw_subjects(rng: np.random.Generator, n: int, prefix: str,
+                   avoid: list[list[tuple[world.Polygon, bool]]]) -> list[SubjectConcept]:
+    out: list[SubjectConcept] = []
+    while len(out) < n:
+        cand = random_subject(rng, f"{prefix}_subject_{len(out)}")
+        parts = cand.parts()
+        if all(silhouette_iou(parts, other) <= MAX_IOU for other in avoid + [c.parts() for c in out]):
+            out.append(cand)
+    return out
+
+
+def _draw_styles(rng: np.random.Generator, n: int, prefix: str, avoid: list[StyleConcept]) -> list[StyleConcept]:
+    # Kinds in a shuffled cycle, so a split covers as many kinds as it has room for.
+    kinds = [str(k) for k in rng.permutation(TEXTURE_KINDS)]
+    out: list[StyleConcept] = []
+    while len(out) < n:
+        cand = random_style(rng, f"{prefix}_style_{len(out)}", kinds[len(out) % len(kinds)])
+        if all(spectrum_cosine(cand, other) <= MAX_SPECTRUM_COSINE for other in avoid + out):
+            out.append(cand)
+    return out
+
+
+@lru_cache(maxsize=4)
+def split(name: str) -> Split:
+    """The concepts of split ``name`` ("tuning" or "test"), deterministic.
+
+    The test split avoids the tuning split's concepts (and both avoid the world's subjects), so that no test
+    concept is a near copy of one that defaults were chosen on.
+    """
+    if name not in SPLIT_SEEDS:
+        raise ValueError(f"unknown split {name!r}; choose one of {list(SPLIT_SEEDS)}")
+    rng = np.random.default_rng(SPLIT_SEEDS[name])
+    avoid_subjects = [world.shape_parts(s) for s in world.ALL_SUBJECTS]
+    avoid_styles: list[StyleConcept] = []
+    if name == "test":
+        avoid_subjects += [c.parts() for c in split("tuning").subjects]
+        avoid_styles += list(split("tuning").styles)
+    n = SPLIT_SIZES[name]
+    return Split(name, tuple(_draw_subjects(rng, n, name, avoid_subjects)),
+                 tuple(_draw_styles(rng, n, name, avoid_styles)))
+
+
+def pairs(split_name: str = "test") -> list[tuple[SubjectConcept, StyleConcept]]:
+    """Subject i with styles i and i+1 (cyclically): 2n pairs, each concept in two."""
+    s = split(split_name)
+    n = len(s.subjects)
+    return [(s.subjects[i], s.styles[(i + k) % n]) for i in range(n) for k in (0, 1)]
+
+
+def concept(name: str) -> SubjectConcept | StyleConcept:
+    """A concept of either split by name (e.g. "test_subject_3")."""
+    for split_name in SPLIT_SEEDS:
+        s = split(split_name)
+        for c in s.subjects + s.styles:
+            if c.name == name:
+                return c
+    raise ValueError(f"no concept named {name!r}; names look like 'test_subject_0' or 'tuning_style_2'")
+
+
+# --------------------------------------------------------------------------------------------- rendering
+def render_concepts(scene: world.Scene, subject: SubjectConcept | None = None,
+                    style: StyleConcept | None = None) -> Image.Image:
+    """Render a world scene with a concept as its subject and/or style (None keeps the scene's own).
+
+    Returns:
+        A 64x64 RGB image, like ``world.render``.
+    """
+    parts = subject.parts() if subject is not None else None
+    pattern = style.pattern(scene.x, scene.y) if style is not None else None
+    return world.render(scene, pattern=pattern, parts=parts)
+
+
+def _pose(rng: np.random.Generator, low: float = 15.0, high: float = 24.0) -> dict:
+    scale = float(rng.uniform(low, high))
+    margin = scale * 0.95 + 1
+    return {"x": float(rng.uniform(margin, world.SIZE - margin)), "y": float(rng.uniform(margin, world.SIZE - margin)),
+            "scale": scale, "angle": float(rng.uniform(-25, 25))}
+
+
+def random_scene(rng: np.random.Generator, subject: str = "concept", style: str = "concept",
+                 colour: str | None = None, background: str | None = None, large: bool = False) -> world.Scene:
+    """A scene with random colour, background and pose (``large``: radius 21–24 px, as style examples are drawn)."""
+    colour = colour or str(rng.choice(world.COLOUR_NAMES))
+    background = background or str(rng.choice(world.BACKGROUND_NAMES))
+    pose = _pose(rng, 21.0, 24.0) if large else _pose(rng)
+    return world.Scene(subject, style, colour, background, **pose)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One example image with its caption and the scene it was rendered from."""
+
+    image: Image.Image
+    caption: str
+    scene: world.Scene
+
+
+def _name_seed(name: str) -> int:
+    """A stable seed per concept name (Python's hash() is salted per process)."""
+    return zlib.crc32(name.encode())
+
+
+def _background_for(colour: str, i: int) -> str:
+    bgs = [b for b in world.BACKGROUND_NAMES if b != "white" or colour != "yellow"]  # keep contrast
+    return bgs[i % len(bgs)]
+
+
+def example_set(c: SubjectConcept | StyleConcept, seed: int = 0) -> list[Example]:
+    """What a user would bring to personalise ``c``: 5 subject images or 3 style images, with captions.
+
+    Subject: the silhouette in one colour, flat fill, on backgrounds in turn, at random poses; captions name
+    what is not the identity ("a photo of a red sks shape with a flat fill on a gray background"). Style: the
+    texture on three distinct large world subjects, colours and backgrounds ("a green triangle on a black
+    background in zkz style"), so the adapter learns the look rather than the things.
+    """
+    rng = np.random.default_rng([seed, _name_seed(c.name)])
+    out = []
+    if isinstance(c, SubjectConcept):
+        colour = str(rng.choice(world.COLOUR_NAMES))
+        for i in range(5):
+            scene = random_scene(rng, colour=colour, background=_background_for(colour, i + int(rng.integers(4))))
+            scene = dataclasses.replace(scene, style="flat")
+            text = (f"a photo of a {colour} {SUBJECT_TOKEN} shape with a flat fill on a {scene.background} "
+                    "background")
+            out.append(Example(render_concepts(scene, subject=c), text, scene))
+        return out
+    subjects = rng.choice(world.SUBJECTS, size=3, replace=False)
+    colours = rng.choice(world.COLOUR_NAMES, size=3, replace=False)
+    backgrounds = rng.choice(world.BACKGROUND_NAMES, size=3, replace=False)
+    for subj, colour, bg in zip(subjects, colours, backgrounds):
+        scene = random_scene(rng, subject=str(subj), colour=str(colour), background=str(bg), large=True)
+        noun = world.SUBJECT_WORDS[str(subj)][0]
+        text = f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {noun} on a {bg} background in {STYLE_TOKEN} style"
+        out.append(Example(render_concepts(scene, style=c), text, scene))
+    return out
+
+
+def write_example_set(c: SubjectConcept | StyleConcept, folder: str | Path, seed: int = 0) -> Path:
+    """Write ``example_set(c, seed)`` as ``{i}.png`` + caption sidecars ``{i}.txt`` and ``concept.json``.
+
+    Returns:
+        The folder (the layout ``zipq_core.data.prepare_images`` reads).
+    """
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    examples = example_set(c, seed)
+    for i, ex in enumerate(examples):
+        ex.image.save(out / f"{i}.png")
+        (out / f"{i}.txt").write_text(ex.caption + "\n")
+    (out / "concept.json").write_text(json.dumps({"concept": dataclasses.asdict(c),
+                                                  "scenes": [ex.scene.to_dict() for ex in examples]}, indent=1))
+    return out
+
+
+def reference_images(c: SubjectConcept | StyleConcept, n: int = 16, seed: int = 0) -> list[Image.Image]:
+    """Clean renders of a concept in varied scenes (what fidelity is measured against).
+
+    A subject is drawn in a random world base style other than outline (so its identity is the silhouette, not
+    the fill), a style on random large world base subjects.
+    """
+    rng = np.random.default_rng([seed, 7, _name_seed(c.name)])
+    fills = [s for s in world.STYLES if s != "outline"]
+    out = []
+    for _ in range(n):
+        if isinstance(c, SubjectConcept):
+            scene = random_scene(rng, style=str(rng.choice(fills)))
+            out.append(render_concepts(scene, subject=c))
+        else:
+            scene = random_scene(rng, subject=str(rng.choice(world.SUBJECTS)), large=True)
+            out.append(render_concepts(scene, style=c))
+    return out
