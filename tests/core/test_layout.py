@@ -147,3 +147,10 @@ def test_every_benchmark_puts_the_checkout_on_the_path_before_importing_it(scrip
     project = _first_line_importing(tree, ("zipq_core", "zipq_mini", "studio"))
     common = _first_line_importing(tree, ("common",))
     assert project is None or (common is not None and common < project), script
+
+
+def test_test_modules_have_unique_names():
+    """pytest imports test modules by their base name (no packages under tests/): two files of one name in different
+    folders stop the whole collection."""
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
