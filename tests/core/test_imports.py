@@ -143,6 +143,8 @@ def test_sgm_named_sdxl_file_maps_every_layer_and_fuses_right(tiny_sdxl_dir, tmp
         assert expected[kohya] == key
     assert "original (LDM/SGM) names" in describe_file(tmp_path / "sdxl_sgm.safetensors")
     _cli_generate(tiny_sdxl_dir, tmp_path / "sdxl_sgm.safetensors", tmp_path / "sdxl.png")
+    _cli_merge_and_generate(tiny_sdxl_dir, tmp_path / "sdxl_sgm.safetensors", tmp_path / "sdxl_sgm.safetensors",
+                            tmp_path)
 
 
 def _cli_generate(base_dir: Path, adapter: Path, out: Path) -> None:
@@ -151,6 +153,17 @@ def _cli_generate(base_dir: Path, adapter: Path, out: Path) -> None:
     assert main(["generate", "--base", str(base_dir), "--adapter", f"{adapter}:0.5", "--prompt", "a dog",
                  "--steps", "2", "--out", str(out)]) == 0
     assert out.exists()
+
+
+def _cli_merge_and_generate(base_dir: Path, subject: Path, style: Path, out: Path) -> None:
+    """The imported files as the subject and the style of a merge, then generation with the merge's sliders."""
+    from zipq_core.cli import main
+
+    assert main(["merge", "--base", str(base_dir), "--subject", str(subject), "--style", str(style),
+                 "--method", "direct", "--out", str(out / "merged")]) == 0
+    assert main(["generate", "--base", str(base_dir), "--merged", str(out / "merged"), "--prompt", "a dog",
+                 "--steps", "2", "--candidates", "1", "--out", str(out / "merged.png")]) == 0
+    assert (out / "merged.png").exists()
 
 
 def test_sd1_files_map_te_and_sgm_names_and_change_the_output(tiny_sd1_dir, tmp_path):
@@ -175,6 +188,7 @@ def test_sd1_files_map_te_and_sgm_names_and_change_the_output(tiny_sd1_dir, tmp_
         changed = x @ fuse_weight(te_q.weight, [(a.layers[te_key], 1.0)]).T - te_q(x) + te_q.bias
     assert torch.allclose(changed, x @ _kohya_delta(parts).T, atol=1e-5)
     _cli_generate(tiny_sd1_dir, sgm, tmp_path / "sd1.png")
+    _cli_merge_and_generate(tiny_sd1_dir, sgm, named, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------
