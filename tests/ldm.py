@@ -21,12 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-UNET = "model.diffusion_model."
-VAE = "first_stage_model."
-SD1_CLIP = "cond_stage_model.transformer."
-SD2_CLIP = "cond_stage_model.model."
-SDXL_CLIP_L = "conditioner.embedders.0.transformer."
-SDXL_CLIP_G = "conditioner.embedders.1.model."
+from zipq_core.single_file import SD1_CLIP, SD2_CLIP, SDXL_CLIP_G, SDXL_CLIP_L, UNET, VAE  # the layout it reads
 
 _UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
                "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",

@@ -34,7 +34,7 @@ from ..errors import ZipqError
 from .apply import resolve_module
 from .folder import INT8_WEIGHTS_NAME, PEFT_WEIGHTS_NAME, WEIGHTS_NAME, load_adapter
 from .int8 import INT8_FLAG, LAYOUT_KEY
-from .kohya import DORA_CONVENTION_KEY, PREFIXES, kohya_name
+from .kohya import DORA_CONVENTION_KEY, PREFIXES, adaptable_modules, kohya_name
 from .layer import Adapter, LoraLayer, fuse_weight, row_norm
 
 # Real SDXL LoRAs are 50–900 MB; the environment variable raises (or lowers) the limit for a deployment.
@@ -410,40 +410,29 @@ def _kohya_table(base) -> dict[str, str]:
     """kohya layer name → our module key, for every Linear/Conv2d, in all the spellings files use."""
     table: dict[str, str] = {}
     prefixes = ldm_block_prefixes(base.pipe.unet.config)
-    for component in PREFIXES:
-        root = getattr(base.pipe, component, None)
-        if root is None:
-            continue
-        for name, module in root.named_modules():
-            if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-                continue
-            key = f"{component}.{name}"
-            table[kohya_name(key, base.arch)] = key
-            if component == "unet":
-                if (ldm := ldm_path(name, prefixes)) is not None:
-                    table[f"lora_unet_{ldm.replace('.', '_')}"] = key
-            else:
-                te = ["lora_te"] if component == "text_encoder" and base.arch != "sdxl" else []
-                te += [PREFIXES[component]]
-                bare = name.removeprefix("text_model.").replace(".", "_")
-                for prefix in te:  # transformers 5: `encoder.layers…`; kohya files: `text_model_encoder_layers…`
-                    table[f"{prefix}_text_model_{bare}"] = key
-                    table[f"{prefix}_{bare}"] = key
+    for component, name in adaptable_modules(base):
+        key = f"{component}.{name}"
+        table[kohya_name(key, base.arch)] = key
+        if component == "unet":
+            if (ldm := ldm_path(name, prefixes)) is not None:
+                table[f"lora_unet_{ldm.replace('.', '_')}"] = key
+        else:
+            te = ["lora_te"] if component == "text_encoder" and base.arch != "sdxl" else []
+            te += [PREFIXES[component]]
+            bare = name.removeprefix("text_model.").replace(".", "_")
+            for prefix in te:  # transformers 5: `encoder.layers…`; kohya files: `text_model_encoder_layers…`
+                table[f"{prefix}_text_model_{bare}"] = key
+                table[f"{prefix}_{bare}"] = key
     return table
 
 
 def _module_table(base) -> dict[str, str]:
     """Our module keys (with the older `text_model.` spelling of text-encoder modules) → our module keys."""
     table = {}
-    for component in PREFIXES:
-        root = getattr(base.pipe, component, None)
-        if root is None:
-            continue
-        for name, module in root.named_modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-                table[f"{component}.{name}"] = f"{component}.{name}"
-                if component != "unet":
-                    table[f"{component}.text_model.{name.removeprefix('text_model.')}"] = f"{component}.{name}"
+    for component, name in adaptable_modules(base):
+        table[f"{component}.{name}"] = f"{component}.{name}"
+        if component != "unet":
+            table[f"{component}.text_model.{name.removeprefix('text_model.')}"] = f"{component}.{name}"
     return table
 
 

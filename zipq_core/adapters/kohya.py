@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,18 +134,22 @@ def _kohya_metadata(adapter: Adapter, base, dora: bool, written: list[LoraLayer]
     }
 
 
-def _name_table(base) -> dict[str, str]:
-    """kohya name → our module key, for every Linear/Conv2d of the UNet and text encoders."""
-    table = {}
+def adaptable_modules(base) -> Iterator[tuple[str, str]]:
+    """(component, module name) of every Linear/Conv2d of the UNet and text encoders: what an adapter file may
+    adapt."""
     for component in PREFIXES:
         root = getattr(base.pipe, component, None)
         if root is None:
             continue
         for name, module in root.named_modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-                key = f"{component}.{name}"
-                table[kohya_name(key, base.arch)] = key
-    return table
+                yield component, name
+
+
+def _name_table(base) -> dict[str, str]:
+    """kohya name → our module key, for every Linear/Conv2d of the UNet and text encoders."""
+    keys = (f"{component}.{name}" for component, name in adaptable_modules(base))
+    return {kohya_name(key, base.arch): key for key in keys}
 
 
 def import_kohya(path: str | Path, base) -> Adapter:
