@@ -44,3 +44,30 @@ def train_concept_adapter(base, kind: str, folder: Path, out: Path, marker: Path
         pass
     marker.write_text("")
     return out
+
+
+def load_mini_base(weights: Path | None = None):
+    """The bundled ``mini`` base (its family defaults), with every component's weights from the diffusers folder
+    ``weights`` when given: how a candidate mini is measured before it replaces ``assets/mini``."""
+    from zipq_core import load_base
+
+    base = load_base("mini")
+    if weights is not None:
+        from diffusers import StableDiffusionXLPipeline
+
+        other = StableDiffusionXLPipeline.from_pretrained(str(weights), local_files_only=True)
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            getattr(base.pipe, name).load_state_dict(getattr(other, name).state_dict())
+    return base
+
+
+def mini_fingerprint(base) -> str:
+    """A short hash of the base's weights (UNet, VAE, both text encoders): which mini a result was made with."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        for key, tensor in getattr(base.pipe, name).state_dict().items():
+            digest.update(key.encode())
+            digest.update(tensor.detach().cpu().half().numpy().tobytes())
+    return digest.hexdigest()[:16]

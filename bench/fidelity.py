@@ -37,11 +37,11 @@ import sys
 import time
 from pathlib import Path
 
-from common import emit_json, train_concept_adapter  # first: it puts the checkout on the import path
+from common import emit_json, load_mini_base, mini_fingerprint, train_concept_adapter  # first: the checkout
 
 import numpy as np
 
-from zipq_core import GenerateConfig, TrainConfig, generate, load_adapter, load_base
+from zipq_core import GenerateConfig, TrainConfig, generate, load_adapter
 from zipq_core.config import FAMILY_DEFAULTS, MergeConfig, Sliders
 from zipq_core.merge import merge_adapters, slider_adapters
 from zipq_mini import concepts, judge, world
@@ -162,6 +162,20 @@ def run_shard(base, pair: int, seed: int, args, shards: Path) -> Path:
     return shards / f"{name}.json"
 
 
+def check_mini(shards: Path, fingerprint: str) -> None:
+    """Shards of one folder come from one mini: record its fingerprint, refuse to add another mini's shards."""
+    path = shards / "mini.json"
+    if path.is_file():
+        made_with = json.loads(path.read_text())["fingerprint"]
+        if made_with != fingerprint:
+            raise SystemExit(f"{shards} holds shards of another mini (weights {made_with}, this one {fingerprint}); "
+                             "give this mini a new --shards folder.")
+        return
+    if any(shards.glob("*__*__seed*.json")):
+        raise SystemExit(f"{shards} holds shards of an unrecorded mini; give this mini a new --shards folder.")
+    path.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+
+
 def run_shards(args) -> None:
     import torch
 
@@ -170,7 +184,8 @@ def run_shards(args) -> None:
     todo = [t for t in my_tasks(shard_tasks(args.seeds), args.part)
             if not (args.shards / f"{shard_name(*t)}.json").is_file()]
     print(f"{len(todo)} shards to run", file=sys.stderr, flush=True)
-    base = load_base("mini")
+    base = load_mini_base(args.mini)
+    check_mini(args.shards, mini_fingerprint(base))
     for pair, seed in todo:
         print(f"done: {run_shard(base, pair, seed, args, args.shards)}", file=sys.stderr, flush=True)
 
@@ -266,6 +281,7 @@ def main() -> None:
     parser.add_argument("--merge-steps", type=int, default=100)
     parser.add_argument("--merge-lr", type=float, default=3e-3)
     parser.add_argument("--images", type=int, default=32, help="images per row and shard (groups of 8 per prompt)")
+    parser.add_argument("--mini", type=Path, default=None, help="a candidate mini's folder (default: assets/mini)")
     parser.add_argument("--report", type=Path, default=None, help="score the finished shards into this JSON file")
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--resamples", type=int, default=2000)

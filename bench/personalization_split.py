@@ -41,12 +41,12 @@ import zlib
 from pathlib import Path
 
 import common  # noqa: F401  (first: puts the checkout on the import path)
-from common import emit_json, train_concept_adapter
+from common import emit_json, load_mini_base, train_concept_adapter
 
 import numpy as np
 import torch
 
-from zipq_core import GenerateConfig, generate, load_adapter, load_base
+from zipq_core import GenerateConfig, generate, load_adapter
 from zipq_core.config import parse_targets
 from zipq_mini import concepts, judge, world
 
@@ -263,11 +263,13 @@ def main() -> None:
                                                                      "{background}")
     parser.add_argument("--adapters", type=Path, default=None, help="keep trained adapters here and reuse them")
     parser.add_argument("--save-images", type=Path, default=None)
+    parser.add_argument("--mini", type=Path, default=None, help="a candidate mini's diffusers folder (default: "
+                                                                 "assets/mini)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     args.label = args.label or f"{args.split}:{args.recipe or 'defaults'}:{args.captions}:k{args.candidates}"
     torch.set_grad_enabled(True)
-    base, j = load_base("mini"), judge.load_judge()
+    base, j = load_mini_base(args.mini), judge.load_judge()
     kinds = [k for k in args.kinds.split(",") if k]
     started = time.time()
     command = " ".join(f"{k}={v}" for k, v in vars(args).items() if k != "out")

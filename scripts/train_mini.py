@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from zipq_mini import evaluator, pipeline, world
+from zipq_mini import concepts, evaluator, pipeline, world
 
 TIME_IDS = (64, 64, 0, 0, 64, 64)  # SDXL add_time_ids: original size, crop top-left, target size
 GATE_SEED = 31_337
@@ -71,6 +71,10 @@ class RecipeConfig:
     kl_weight: float = 1e-6
     feat_weight: float = 0.5
     generic_share: float = 0.5  # decoder stage: share of each batch drawn in generic textures
+    family_share: float = 0.0  # unet and decoder stages: share of each batch from the concept family (0 = v1)
+    family_data: str = "runs/data/family.npz"  # rendered family images and captions (made when missing)
+    n_family: int = 20_000
+    family_seed: int = 3001
     evaluator: str | None = None  # None = assets/evaluator
     force: bool = False  # unet: start even when the VAE gate has not passed
     stop_when_gated: bool = False  # vae: run the gate at every checkpoint and stop once it passes
@@ -100,6 +104,21 @@ def load_data(cfg: RecipeConfig) -> tuple[np.ndarray, list[world.Scene]]:
     np.savez(path, images=imgs, **world.labels(scenes))
     meta.write_text(json.dumps([s.to_dict() for s in scenes]))
     return imgs, scenes
+
+
+def load_family(cfg: RecipeConfig) -> tuple[np.ndarray, list[str]]:
+    """Family images (N, 64, 64, 3) uint8 and their captions (``concepts.render_family_dataset``), cached."""
+    path = Path(cfg.family_data)
+    meta = path.with_suffix(".json")
+    if path.is_file() and meta.is_file():
+        imgs, captions = np.load(path)["images"], json.loads(meta.read_text())
+        if len(imgs) >= cfg.n_family:
+            return imgs[: cfg.n_family], captions[: cfg.n_family]
+    imgs, captions = concepts.render_family_dataset(cfg.n_family, cfg.family_seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, images=imgs)
+    meta.write_text(json.dumps(captions))
+    return imgs, captions
 
 
 def to_x(batch: np.ndarray) -> torch.Tensor:
@@ -184,17 +203,22 @@ def set_scaling_factor(vae, imgs: np.ndarray) -> float:
     return sf
 
 
-def autoencoder_batch(cfg: RecipeConfig, imgs: np.ndarray, rng: np.random.Generator, generic: bool) -> torch.Tensor:
+def autoencoder_batch(cfg: RecipeConfig, imgs: np.ndarray, rng: np.random.Generator, generic: bool,
+                      family: np.ndarray | None = None) -> torch.Tensor:
     """A training batch: cached base renders, with ``cfg.generic_share`` of them redrawn in generic textures.
 
     The generic share (``world.generic_pattern``) only serves the decoder stage: base shapes, colours and
     backgrounds in gratings, plaids, rings and waves of any angle and period, so the decoder learns to draw
-    patterns in general instead of the six base textures only.
+    patterns in general instead of the six base textures only. With ``family`` images, ``cfg.family_share``
+    of the batch comes from them instead.
     """
     batch = imgs[rng.integers(0, len(imgs), cfg.batch)].copy()
     if generic:
         for i in np.flatnonzero(rng.random(cfg.batch) < cfg.generic_share):
             batch[i] = np.asarray(world.render(world.sample_scene(rng), world.generic_pattern(rng)))
+    if family is not None and cfg.family_share > 0:
+        k = int(round(cfg.batch * cfg.family_share))
+        batch[:k] = family[rng.integers(0, len(family), k)]
     return to_x(batch)
 
 
@@ -205,6 +229,7 @@ def train_vae(cfg: RecipeConfig, stage: str = "vae"):
     stay valid: it can run after the UNet to make the decoder a better image codec (DESIGN §9).
     """
     imgs, _ = load_data(cfg)
+    family = load_family(cfg)[0] if cfg.family_share > 0 else None
     pipe = load_pipeline(cfg)
     vae = pipe.vae.float().train()
     decoder_only = stage == "decoder"
@@ -216,11 +241,13 @@ def train_vae(cfg: RecipeConfig, stage: str = "vae"):
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     state_path = Path(cfg.state) / f"{stage}.pt"
     step, minutes = read_progress(cfg, stage).get("step", 0), read_progress(cfg, stage).get("minutes", 0.0)
+    warm_from = step  # a fresh optimizer warms up again, also when the weights continue a finished run
     if state_path.is_file():
         st = torch.load(state_path, weights_only=False)
         vae.load_state_dict(st["vae"])
         opt.load_state_dict(st["opt"])
         step, minutes = st["step"], st["minutes"]
+        warm_from = st.get("warm_from", 0)
     t0, last_ckpt = time.time() - minutes * 60, time.time()
 
     def checkpoint() -> None:
@@ -230,7 +257,7 @@ def train_vae(cfg: RecipeConfig, stage: str = "vae"):
         pipeline.save_mini(pipe, cfg.out)
         m = (time.time() - t0) / 60
         write_progress(cfg, stage, step=step, minutes=m)
-        save_state(state_path, vae=vae.state_dict(), opt=opt.state_dict(), step=step, minutes=m)
+        save_state(state_path, vae=vae.state_dict(), opt=opt.state_dict(), step=step, minutes=m, warm_from=warm_from)
         vae.train()
         if decoder_only:
             vae.encoder.eval()
@@ -238,10 +265,10 @@ def train_vae(cfg: RecipeConfig, stage: str = "vae"):
     start = step
     while step < cfg.max_steps and (time.time() - t0) / 60 < cfg.max_minutes:
         rng, gen = step_rng(cfg, 2 if decoder_only else 0, step)
-        x = autoencoder_batch(cfg, imgs, rng, generic=decoder_only)
+        x = autoencoder_batch(cfg, imgs, rng, generic=decoder_only, family=family)
         loss, parts = vae_loss(vae, ev, x, gen, cfg)
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+            g["lr"] = cfg.lr * min(1.0, (step - warm_from + 1) / cfg.warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -290,13 +317,14 @@ def run_gate(cfg: RecipeConfig, vae=None) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- UNet
-def encode_dataset(cfg: RecipeConfig, vae, imgs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every training image (N, C, 16, 16), cached in the state folder.
+def encode_dataset(cfg: RecipeConfig, vae, imgs: np.ndarray, name: str = "latents"
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every training image (N, C, 16, 16), cached in the state folder as ``name``.
 
     The cache is keyed by the VAE's weights, so retraining the VAE re-encodes.
     """
     key = float(sum(p.double().sum() for p in vae.parameters()))
-    path = Path(cfg.state) / "latents.pt"
+    path = Path(cfg.state) / f"{name}.pt"
     if path.is_file():
         d = torch.load(path, weights_only=False)
         if d["key"] == key and len(d["mean"]) >= len(imgs):
@@ -344,13 +372,23 @@ def min_snr_weights(sched, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
     return torch.clamp(snr, max=gamma) / snr
 
 
-def unet_loss(cfg, pipe, unet, te1, te2, sched, lat, scenes, rng, gen) -> torch.Tensor:
-    """Denoising loss of one batch drawn with ``rng`` / ``gen``."""
+def unet_loss(cfg, pipe, unet, te1, te2, sched, lat, scenes, rng, gen, family=None) -> torch.Tensor:
+    """Denoising loss of one batch drawn with ``rng`` / ``gen``.
+
+    ``family`` = (latents, captions) of the concept family: ``cfg.family_share`` of the batch comes from it.
+    """
     mean, std = lat
-    idx = rng.integers(0, len(mean), cfg.batch)
-    sf = pipe.vae.config.scaling_factor
-    z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * sf  # (B, C, 16, 16)
+    k = int(round(cfg.batch * cfg.family_share)) if family is not None else 0
+    idx = rng.integers(0, len(mean), cfg.batch - k)
+    mean, std = mean[idx], std[idx]
     captions = [world.caption(scenes[i], rng) for i in idx]
+    if k:
+        (f_mean, f_std), f_captions = family
+        f_idx = rng.integers(0, len(f_mean), k)
+        mean, std = torch.cat([mean, f_mean[f_idx]]), torch.cat([std, f_std[f_idx]])
+        captions += [f_captions[i] for i in f_idx]
+    sf = pipe.vae.config.scaling_factor
+    z0 = (mean + std * torch.randn(mean.shape, generator=gen)) * sf  # (B, C, 16, 16)
     emb, pooled = encode_text(pipe, te1, te2, captions)
     keep = torch.from_numpy(rng.random(cfg.batch) >= cfg.drop_caption).float()  # (B,)
     emb, pooled = emb * keep[:, None, None], pooled * keep[:, None]
@@ -394,6 +432,10 @@ def train_unet(cfg: RecipeConfig):
     pipe.vae.float().eval().requires_grad_(False)
     lat = encode_dataset(cfg, pipe.vae, imgs)
     del imgs
+    family = None
+    if cfg.family_share > 0:
+        f_imgs, f_captions = load_family(cfg)
+        family = (encode_dataset(cfg, pipe.vae, f_imgs, "family_latents"), f_captions)
     sched = DDPMScheduler(**pipeline.scheduler_config(pipeline.MiniConfig()))
     mods = {"unet": pipe.unet.float().train(), "text_encoder": pipe.text_encoder.float().train(),
             "text_encoder_2": pipe.text_encoder_2.float().train()}
@@ -401,6 +443,7 @@ def train_unet(cfg: RecipeConfig):
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
     prog = read_progress(cfg, "unet")
     step, minutes = prog.get("step", 0), prog.get("minutes", 0.0)
+    warm_from = step  # a fresh optimizer warms up again, also when the weights continue a finished run
     state_path = Path(cfg.state) / "unet.pt"
     if state_path.is_file():
         st = torch.load(state_path, weights_only=False)
@@ -408,6 +451,7 @@ def train_unet(cfg: RecipeConfig):
             m.load_state_dict(st[k])
         opt.load_state_dict(st["opt"])
         step, minutes = st["step"], st["minutes"]
+        warm_from = st.get("warm_from", 0)
     emas = {k: Ema(m, cfg.ema_decay) for k, m in mods.items()}  # the committed fp16 weights are EMA weights
     if state_path.is_file():
         for k, e in emas.items():
@@ -418,7 +462,7 @@ def train_unet(cfg: RecipeConfig):
         m = (time.time() - t0) / 60
         pipeline.save_mini(ema_pipeline(pipe, emas), cfg.out)
         write_progress(cfg, "unet", step=step, minutes=m)
-        save_state(state_path, step=step, minutes=m, opt=opt.state_dict(),
+        save_state(state_path, step=step, minutes=m, opt=opt.state_dict(), warm_from=warm_from,
                    **{k: mod.state_dict() for k, mod in mods.items()},
                    **{"ema_" + k: e.module.state_dict() for k, e in emas.items()})
 
@@ -440,9 +484,9 @@ def train_unet(cfg: RecipeConfig):
     while step < cfg.max_steps and (time.time() - t0) / 60 < cfg.max_minutes:
         rng, gen = step_rng(cfg, 1, step)
         loss = unet_loss(cfg, pipe, mods["unet"], mods["text_encoder"], mods["text_encoder_2"], sched, lat, scenes,
-                         rng, gen)
+                         rng, gen, family)
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+            g["lr"] = cfg.lr * min(1.0, (step - warm_from + 1) / cfg.warmup)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

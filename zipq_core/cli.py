@@ -65,6 +65,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: Sequence[
         elif f.metadata.get("parse") == "targets":
             group.add_argument(*names, dest=f.name, type=config.parse_targets, default=None, metavar="TARGETS",
                                help=help_text)
+        elif f.metadata.get("parse") == "list":
+            group.add_argument(*names, dest=f.name, type=config.parse_list, default=None, metavar="A,B",
+                               help=help_text)
         else:
             group.add_argument(*names, dest=f.name, type=kind, choices=choices, default=None, help=help_text)
 
@@ -134,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True)
     _add_plan_arg(m)
     add_config_flags(m, config.MergeConfig, decided_elsewhere={"batch_size": "the base family's",
-                                                          "gradient_checkpointing": "the base family's"})
+                                                          "gradient_checkpointing": "the base family's",
+                                                          "blora_content": "the base family's split",
+                                                          "blora_style": "the base family's split"})
 
     x = sub.add_parser("export", help="write an adapter for another tool (ComfyUI, A1111, Forge, diffusers, kohya, "
                        "LyCORIS) so its math gives the studio's weights within 1 %%, or as INT8")

@@ -124,6 +124,11 @@ def parse_targets(text: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in text.split(",") if s.strip())
 
 
+def parse_list(text: str) -> tuple[str, ...]:
+    """Comma-separated names ("up_blocks.0.,mid_block.") as a tuple, blanks dropped."""
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
 def _help(text: str, *flags: str, **extra: Any) -> dict:
     return {"help": text, "flags": flags, **extra}
 
@@ -142,6 +147,7 @@ class FamilyDefaults:
     aspect_buckets: bool  # train on each image's own aspect ratio (the mini world is square)
     merge_batch: int  # latents per concept per learned-merge step
     candidates: int  # candidates per image when generating from a merge (each costs a full generation)
+    blora_split: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # B-LoRA (content, style) UNet blocks
 
 
 # mini: the recipe its benchmarks measure (bench/personalization.py, bench/merge_quality.py). Real bases: the usual
@@ -150,12 +156,16 @@ class FamilyDefaults:
 # concept per merge step, one candidate per image (on SDXL a candidate is a whole 1024 px generation).
 _REAL = dict(learning_rate=1e-4, rank=16, targets="attention", steps=500, batch_size=1, gradient_checkpointing=True,
              aspect_buckets=True, merge_batch=1, candidates=1)
+# B-LoRA's split, as UNet module-name prefixes (content blocks, style blocks): on SDXL the paper's two attentions of
+# up_blocks.0 (arXiv 2403.14572); SD1.x/SD2.x have no such pair, so B-LoRA is refused there.
+BLORA_SDXL = (("up_blocks.0.attentions.0.",), ("up_blocks.0.attentions.1.",))
 FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {
     "mini": FamilyDefaults(learning_rate=3e-3, rank=8, targets="full", steps=300, batch_size=2,
-                           gradient_checkpointing=False, aspect_buckets=False, merge_batch=2, candidates=8),
+                           gradient_checkpointing=False, aspect_buckets=False, merge_batch=2, candidates=8,
+                           blora_split=BLORA_SDXL),
     "sd1": FamilyDefaults(**_REAL),
     "sd2": FamilyDefaults(**_REAL),
-    "sdxl": FamilyDefaults(**_REAL),
+    "sdxl": FamilyDefaults(**_REAL, blora_split=BLORA_SDXL),
 }
 
 
@@ -367,6 +377,10 @@ class MergeConfig:
     seed: int = field(default=0, metadata=_help("Seed for the merge's noise and timesteps."))
     subject_weight: float = field(default=1.0, metadata=_help("Subject weight (direct/ties/dare)."))
     style_weight: float = field(default=1.0, metadata=_help("Style weight (direct/ties/dare)."))
+    blora_content: tuple[str, ...] = field(default=(), metadata=_help(
+        "B-LoRA: UNet blocks whose subject layers are kept, comma-separated name prefixes.", parse="list"))
+    blora_style: tuple[str, ...] = field(default=(), metadata=_help(
+        "B-LoRA: UNet blocks whose style layers are kept, comma-separated name prefixes.", parse="list"))
     density: float = field(default=0.5, metadata=_help("Fraction of ΔW kept by TIES trimming / DARE."))
     early_stop: float = field(default=1e-3, metadata=_help("Stop when the mean similarity falls below this."))
     # The paper's cosine by default: DESIGN §7's product term also rewards shrinking both mergers, and it gave
@@ -395,6 +409,10 @@ class MergeConfig:
         for name in ("subject_weight", "style_weight"):
             value = getattr(self, name)
             _check(_is_number(value) and 0 <= value <= 1.5, f"{name.replace('_', ' ')} must be between 0 and 1.5.")
+        for name in ("blora_content", "blora_style"):
+            value = getattr(self, name)
+            _check(isinstance(value, tuple) and all(isinstance(v, str) and v for v in value),
+                   f"{name.replace('_', ' ')} must be UNet block name prefixes such as 'up_blocks.0.attentions.0.'.")
 
     @property
     def learned(self) -> bool:

@@ -388,3 +388,103 @@ def reference_images(c: SubjectConcept | StyleConcept, n: int = 16, seed: int = 
             scene = random_scene(rng, subject=str(rng.choice(world.SUBJECTS)), large=True)
             out.append(render_concepts(scene, style=c))
     return out
+
+
+# -------------------------------------------------------------------------------- the base model's family
+# Words for the family in training captions. None of them is a word the world uses for a style or subject, so
+# the world's held-out concepts stay unnamed; "shape" is the noun users' subject prompts use ("a sks shape").
+KIND_WORDS: dict[str, str] = {"lines": "ruled", "dots": "speckled", "grid": "lattice", "waves": "wavy",
+                              "rings": "ringed", "checks": "tiled"}
+_LOBE_WORDS = {2: "two-lobed", 3: "three-lobed", 4: "four-lobed", 5: "five-lobed", 6: "six-lobed",
+               7: "seven-lobed"}
+TRAINING_SEED = 4099  # the pool the base model trains on; never a split's seed
+POOL_SIZES = (600, 300)  # subjects, styles
+
+
+def subject_words(c: SubjectConcept) -> str:
+    """What a caption says about a family subject: "a spiky five-lobed shape with a hole", without the article."""
+    feel = "spiky " if c.sharpness > 1.6 else "boxy " if c.sharpness < 0.7 else ""
+    extra = (" with a hole" if c.hole else "") + {"": "", "knob": " with a knob", "stem": " with a stem"}[c.part]
+    return f"{feel}{_LOBE_WORDS[c.lobes]} shape{extra}"
+
+
+def style_words(c: StyleConcept) -> str:
+    """What a caption says about a family texture: "a fine ruled texture"."""
+    grain = "fine" if c.period < 8 else "coarse" if c.period > 10 else "medium"
+    return f"a {grain} {KIND_WORDS[c.kind]} texture"
+
+
+def _world_spectrum(style: str) -> np.ndarray:
+    """``_spectrum`` of a world style's pattern over the whole image (centred on the image)."""
+    scene = world.Scene("circle", style, "red", "white", 32, 32, 22, 0)
+    small = world._pattern(style, np.ones((_N, _N), np.float32), scene).reshape(64, 4, 64, 4).mean(axis=(1, 3))
+    mag = np.abs(np.fft.rfft2(small - small.mean())).ravel()
+    return mag / max(np.linalg.norm(mag), 1e-6)
+
+
+def _masks_64(parts: list[tuple[world.Polygon, bool]], angles) -> np.ndarray:
+    """Silhouette masks at 64 px for each rotation, (len(angles), 4096) bool: a cheap IoU for big pools."""
+    return np.stack([_mask(parts, a).reshape(64, 4, 64, 4).mean(axis=(1, 3)).ravel() > 0.5 for a in angles])
+
+
+@lru_cache(maxsize=2)
+def training_pool(seed: int = TRAINING_SEED, sizes: tuple[int, int] = POOL_SIZES
+                  ) -> tuple[tuple[SubjectConcept, ...], tuple[StyleConcept, ...]]:
+    """The family concepts the base model may train on: none is a near copy of a split's or a held-out one.
+
+    Subjects are rejected like the splits' (IoU > ``MAX_IOU`` at some rotation within ±25°, here at 64 px)
+    against the tuning and test subjects and the world's held-out subjects; styles (spectrum cosine >
+    ``MAX_SPECTRUM_COSINE``) against the tuning and test styles and the world's held-out styles. So what
+    personalisation is scored on stays unseen, as a user's own subject is unseen by a real base model.
+    """
+    if seed in SPLIT_SEEDS.values():
+        raise ValueError(f"seed {seed} is a split's seed; the training pool must be drawn apart from the splits")
+    rng = np.random.default_rng(seed)
+    angles = range(-25, 26, 5)
+    avoid = [world.shape_parts(s) for s in world.HELDOUT_SUBJECTS]
+    avoid += [c.parts() for name in SPLIT_SEEDS for c in split(name).subjects]
+    avoid_masks = np.concatenate([_masks_64(p, angles) for p in avoid])  # (n * 11, 4096)
+    subjects: list[SubjectConcept] = []
+    while len(subjects) < sizes[0]:
+        cand = random_subject(rng, f"train_subject_{len(subjects)}")
+        m = _masks_64(cand.parts(), [0])  # (1, 4096)
+        iou = (m & avoid_masks).sum(1) / np.maximum((m | avoid_masks).sum(1), 1)
+        if iou.max() <= MAX_IOU:
+            subjects.append(cand)
+    avoid_spectra = np.stack([_world_spectrum(s) for s in world.HELDOUT_STYLES]
+                             + [_spectrum(c) for name in SPLIT_SEEDS for c in split(name).styles])
+    styles: list[StyleConcept] = []
+    while len(styles) < sizes[1]:
+        cand = random_style(rng, f"train_style_{len(styles)}")
+        if (avoid_spectra @ _spectrum(cand)).max() <= MAX_SPECTRUM_COSINE:
+            styles.append(cand)
+    return tuple(subjects), tuple(styles)
+
+
+def family_scene(rng: np.random.Generator, pool=None) -> tuple[Image.Image, str]:
+    """One training image of the family and its caption.
+
+    A third each: a family subject in a world base style, a world base subject in a family texture, both from
+    the family. Colours, backgrounds and poses as in the world.
+    """
+    subjects, styles = pool or training_pool()
+    kind = int(rng.integers(3))
+    subj = subjects[int(rng.integers(len(subjects)))] if kind != 1 else None
+    sty = styles[int(rng.integers(len(styles)))] if kind != 0 else None
+    scene = world.sample_scene(rng)
+    noun = subject_words(subj) if subj else world.SUBJECT_WORDS[scene.subject][0]
+    look = style_words(sty) if sty else world.STYLE_WORDS[scene.style][1]
+    article = "an" if scene.colour[0] in "aeiou" else "a"
+    templates = [f"{article} {scene.colour} {noun} with {look} on a {scene.background} background",
+                 f"{article} {scene.colour} {noun} with {look}",
+                 f"{article} {scene.colour} {noun} on a {scene.background} background, {look}"]
+    text = templates[int(rng.integers(len(templates)))]
+    return render_concepts(scene, subject=subj, style=sty), text
+
+
+def render_family_dataset(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """``n`` training images of the family, (n, 64, 64, 3) uint8, and their captions (same seed, same data)."""
+    rng = np.random.default_rng([seed, 17])
+    pool = training_pool()
+    out = [family_scene(rng, pool) for _ in range(n)]
+    return np.stack([np.asarray(im) for im, _ in out]), [t for _, t in out]

@@ -144,8 +144,32 @@ def test_zipq_refuses_lora_inputs_and_cancel_stops(adapters, tmp_path):
     assert records[-1].cancelled and records[-1].step <= 2
 
 
+def test_blora_keeps_the_subject_in_its_content_blocks_and_the_style_in_its_style_blocks(adapters, tmp_path):
+    """B-LoRA's split is the base family's unless named; the file holds exactly those layers of each adapter."""
+    from zipq_core.config import family_defaults
+    from zipq_core.merge.parts import blora_split
+
+    base, made = adapters
+    content, style = family_defaults("mini").blora_split
+    assert blora_split(MergeConfig(method="blora"), "mini") == (tuple("unet." + p for p in content),
+                                                                 tuple("unet." + p for p in style))
+    cfg = MergeConfig(method="blora", blora_content=("down_blocks.", "mid_block."), blora_style=("up_blocks.",))
+    list(merge_adapters(base, made["subject_dora"], made["style_dora"], cfg, tmp_path / "b"))
+    subject = load_adapter(tmp_path / "b" / "parts" / "subject")
+    style = load_adapter(tmp_path / "b" / "parts" / "style")
+    assert subject.layers and all(k.startswith(("unet.down_blocks.", "unet.mid_block.")) for k in subject.layers)
+    assert style.layers and all(k.startswith("unet.up_blocks.") for k in style.layers)
+    assert len(subject.layers) == sum(k.startswith(("unet.down_blocks.", "unet.mid_block."))
+                                      for k in load_adapter(made["subject_dora"]).layers)
+    with pytest.raises(ZipqError, match="no block split for sd1"):
+        blora_split(MergeConfig(method="blora"), "sd1")
+    with pytest.raises(ZipqError, match="have none there"):
+        list(merge_adapters(base, made["subject_dora"], made["style_dora"],
+                            MergeConfig(method="blora", blora_content=("nowhere.",)), tmp_path / "n"))
+
+
 @pytest.mark.parametrize("bad", [dict(method="sum"), dict(steps=0), dict(density=0), dict(subject_weight=2),
-                                 dict(similarity="dot")])
+                                 dict(similarity="dot"), dict(blora_style=["up_blocks."]), dict(blora_content=("",))])
 def test_merge_config_errors(bad):
     with pytest.raises(ZipqError):
         MergeConfig(**bad)

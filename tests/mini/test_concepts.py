@@ -89,3 +89,32 @@ def test_example_sets_train_through_prepare_images(tmp_path):
     assert saved["concept"]["name"] == style.name and len(saved["scenes"]) == 3
     again = concepts.example_set(style)
     assert np.array_equal(np.asarray(again[0].image), np.asarray(concepts.example_set(style)[0].image))
+
+
+def test_training_pool_keeps_every_scored_concept_unseen():
+    """The base model's family pool: no near copy of a split's subject or style, nor of a held-out world one."""
+    subjects, styles = concepts.training_pool(seed=77, sizes=(40, 30))
+    scored = [c.parts() for name in concepts.SPLIT_SEEDS for c in concepts.split(name).subjects]
+    scored += [world.shape_parts(s) for s in world.HELDOUT_SUBJECTS]
+    for c in subjects[:12]:  # the exact 256 px test the splits use, on a sample (it is slow)
+        assert max(concepts.silhouette_iou(c.parts(), other) for other in scored) <= concepts.MAX_IOU + 0.02
+    for c in styles:
+        for other in (s for name in concepts.SPLIT_SEEDS for s in concepts.split(name).styles):
+            assert concepts.spectrum_cosine(c, other) <= concepts.MAX_SPECTRUM_COSINE
+    with pytest.raises(ValueError, match="split's seed"):
+        concepts.training_pool(seed=concepts.SPLIT_SEEDS["test"])
+
+
+def test_family_captions_never_name_a_world_style_or_a_held_out_subject():
+    """Family images teach words of their own: the world's held-out styles (grid, bullseye…) stay unnamed."""
+    images, captions = concepts.render_family_dataset(60, seed=5)
+    again, captions2 = concepts.render_family_dataset(60, seed=5)
+    assert images.shape == (60, 64, 64, 3) and np.array_equal(images, again) and captions == captions2
+    family = [c for c in captions if " shape" in c and any(w in c for w in concepts.KIND_WORDS.values())]
+    assert family  # some images are family subject and family texture
+    for text in family:
+        parsed = world.parse_prompt(text)
+        assert parsed["subject"] is None and parsed["style"] is None, text
+    held_out_words = [w for s in world.HELDOUT_STYLES + world.HELDOUT_SUBJECTS
+                      for w in world.SUBJECT_WORDS.get(s, []) + list(world.STYLE_WORDS.get(s, ()))]
+    assert not any(w in text for text in captions for w in held_out_words)

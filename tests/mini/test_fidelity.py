@@ -103,14 +103,16 @@ def test_report_scores_finished_shards_and_bootstraps_differences(fidelity, tmp_
 
 def test_run_shards_resumes_past_finished_shards(fidelity, tmp_path, monkeypatch):
     ran = []
-    monkeypatch.setattr(fidelity, "load_base", lambda name: None)
+    monkeypatch.setattr(fidelity, "load_mini_base", lambda weights: None)
+    monkeypatch.setattr(fidelity, "mini_fingerprint", lambda base: "aaaa")
     monkeypatch.setattr(fidelity, "run_shard", lambda base, pair, seed, args, shards: ran.append((pair, seed)) or
                         shards / "x.json")
     (tmp_path / f"{fidelity.shard_name(0, 0)}.json").write_text("{}")
     (tmp_path / f"{fidelity.shard_name(2, 0)}.json").write_text("{}")
+    (tmp_path / "mini.json").write_text('{"fingerprint": "aaaa"}')
 
     class Args:
-        shards, part, seeds = tmp_path, "1/2", 1
+        shards, part, seeds, mini = tmp_path, "1/2", 1, None
 
     fidelity.run_shards(Args)
     assert ran == [(4, 0), (6, 0), (8, 0), (10, 0)]
@@ -144,3 +146,16 @@ def test_a_shard_resumes_its_rows_and_writes_its_json_last(fidelity, tmp_path, m
     data = np.load(tmp_path / f"{name}.npz")
     assert meta["rows"] == fidelity.ROWS and all(data[row].shape == (3, 64, 64, 3) for row in fidelity.ROWS)
     assert data[fidelity.ROWS[3]][0, 0, 0, 0] == 4 and not (tmp_path / "work" / name).exists()
+
+
+def test_a_shards_folder_holds_one_minis_shards(fidelity, tmp_path):
+    fidelity.check_mini(tmp_path, "aaaa")
+    assert json.loads((tmp_path / "mini.json").read_text()) == {"fingerprint": "aaaa"}
+    fidelity.check_mini(tmp_path, "aaaa")  # the same mini resumes
+    with pytest.raises(SystemExit, match="another mini"):
+        fidelity.check_mini(tmp_path, "bbbb")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / f"{fidelity_name(0)}.json").write_text("{}")
+    with pytest.raises(SystemExit, match="unrecorded mini"):
+        fidelity.check_mini(old, "aaaa")

@@ -60,6 +60,49 @@ def test_all_stages_tiny(tmp_path, recipe):
     recipe.main(["decoder", "--max-steps", "3", "--gate-n", "4", *common])  # resumes from its own state
     assert json.loads((tmp_path / "mini" / "mini_train.json").read_text())["decoder"]["step"] == 3
 
+    # the concept family (v2): half of each batch from family renders, captions of its own words
+    family = ["--family-share", "0.5", "--n-family", "4", "--family-data", str(tmp_path / "family.npz")]
+    res = recipe.main(["unet", "--force", "--max-steps", "4", "--eval-n", "1", "--eval-steps", "2", *family, *common])
+    assert res[-1]["eval"]["step"] == 4 and (tmp_path / "state" / "family_latents.pt").is_file()
+    assert len(json.loads((tmp_path / "family.json").read_text())) == 4
+    recipe.main(["decoder", "--max-steps", "4", "--gate-n", "4", *family, *common])
+    assert json.loads((tmp_path / "mini" / "mini_train.json").read_text())["decoder"]["step"] == 4
+
+
+def test_family_share_puts_family_captions_in_the_batch(recipe):
+    """unet_loss draws batch − k world scenes and k family images; share 0 draws exactly what v1 drew."""
+    import numpy as np
+    import torch
+
+    captions_seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_encode(pipe, te1, te2, captions):
+        captions_seen.append(list(captions))
+        raise Stop
+
+    from zipq_mini import world
+
+    scenes = [world.sample_scene(np.random.default_rng(i)) for i in range(6)]
+    lat = (torch.zeros(6, 8, 16, 16), torch.ones(6, 8, 16, 16))
+    family = ((torch.zeros(3, 8, 16, 16), torch.ones(3, 8, 16, 16)), ["fam a", "fam b", "fam c"])
+    pipe = type("P", (), {"vae": type("V", (), {"config": type("C", (), {"scaling_factor": 1.0})()})()})()
+    orig = recipe.encode_text
+    recipe.encode_text = fake_encode
+    try:
+        for share, fam in ((0.5, family), (0.0, None), (0.0, family)):
+            cfg = recipe.RecipeConfig(batch=4, family_share=share)
+            with pytest.raises(Stop):
+                recipe.unet_loss(cfg, pipe, None, None, None, None, lat, scenes, np.random.default_rng(0),
+                                 torch.Generator().manual_seed(0), fam)
+    finally:
+        recipe.encode_text = orig
+    half, v1, zero = captions_seen
+    assert sum(c.startswith("fam") for c in half) == 2 and len(half) == 4
+    assert v1 == zero and not any(c.startswith("fam") for c in v1)
+
 
 def test_generic_patterns_are_two_tone_and_vary():
     """The decoder stage's textures: binary masks on the supersampled grid, different draw to draw."""

@@ -87,7 +87,7 @@ def merge_adapters(base: BaseModel, subject: str | Path | Adapter, style: str | 
         elif cfg.method == "direct":
             parts = direct_parts(base.pipe, subj, sty, cfg)
         elif cfg.method == "blora":
-            parts = blora_parts(base.pipe, subj, sty, cfg)
+            parts = blora_parts(base.pipe, subj, sty, cfg, base.family)
         else:
             *parts, worst = dense_parts(base.pipe, subj, sty, cfg)
             extra = {"svd_relative_error_max": worst}

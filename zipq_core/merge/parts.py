@@ -8,12 +8,8 @@ from collections.abc import Sequence
 import torch
 
 from ..adapters import Adapter, LoraLayer, direction_and_magnitude, resolve_module, row_norm
-from ..config import MergeConfig
+from ..config import MergeConfig, family_defaults
 from ..errors import ZipqError
-
-# B-LoRA (SDXL): content lives in the first attention of up_blocks.0, style in the second.
-BLORA_CONTENT = "unet.up_blocks.0.attentions.0."
-BLORA_STYLE = "unet.up_blocks.0.attentions.1."
 
 
 def scaled_part(layer: LoraLayer, column_scale: torch.Tensor | None, row_coef: torch.Tensor | None,
@@ -74,18 +70,31 @@ def direct_parts(pipe, subject: Adapter, style: Adapter, cfg: MergeConfig) -> tu
     return (_weighted(pipe, subject, cfg.subject_weight), _weighted(pipe, style, cfg.style_weight))
 
 
-def _weighted(pipe, adapter: Adapter, weight: float, keep: str | None = None) -> Adapter:
+def _weighted(pipe, adapter: Adapter, weight: float, keep: Sequence[str] | None = None) -> Adapter:
     norms = base_norms(pipe, adapter.layers)
     layers = {k: scaled_part(x, None, None, norms[k], weight) for k, x in adapter.layers.items()
-              if keep is None or k.startswith(keep)}
+              if keep is None or k.startswith(tuple(keep))}
     return Adapter(layers=layers, use_dora=adapter.use_dora, info=dict(adapter.info))
 
 
-def blora_parts(pipe, subject: Adapter, style: Adapter, cfg: MergeConfig) -> tuple[Adapter, Adapter]:
-    """B-LoRA: the subject adapter's content block and the style adapter's style block (SDXL layout)."""
-    content = _weighted(pipe, subject, cfg.subject_weight, keep=BLORA_CONTENT)
-    look = _weighted(pipe, style, cfg.style_weight, keep=BLORA_STYLE)
+def blora_split(cfg: MergeConfig, family: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """B-LoRA's (content, style) blocks as layer-name prefixes: the config's, else the base family's."""
+    default = family_defaults(family).blora_split
+    if default is None and not (cfg.blora_content and cfg.blora_style):
+        raise ZipqError(f"B-LoRA has no block split for {family} models (the paper's is SDXL's up_blocks.0); "
+                        "choose another merge method, or name the blocks with --blora-content and --blora-style.")
+    content = cfg.blora_content or default[0]
+    style = cfg.blora_style or default[1]
+    return tuple("unet." + p for p in content), tuple("unet." + p for p in style)
+
+
+def blora_parts(pipe, subject: Adapter, style: Adapter, cfg: MergeConfig, family: str) -> tuple[Adapter, Adapter]:
+    """B-LoRA: the subject adapter's content blocks and the style adapter's style blocks (``blora_split``)."""
+    content_blocks, style_blocks = blora_split(cfg, family)
+    content = _weighted(pipe, subject, cfg.subject_weight, keep=content_blocks)
+    look = _weighted(pipe, style, cfg.style_weight, keep=style_blocks)
     if not content.layers or not look.layers:
-        raise ZipqError("B-LoRA needs adapters on SDXL's up_blocks.0.attentions.0 (content) and .1 (style); "
-                        "these adapters have none there (SD1.x models lack that layout).")
+        raise ZipqError(f"B-LoRA keeps the subject's layers in {', '.join(content_blocks)} and the style's in "
+                        f"{', '.join(style_blocks)}, and these adapters have none there: train them on those "
+                        "blocks, or choose another merge method.")
     return content, look
