@@ -159,10 +159,14 @@ _REAL = dict(learning_rate=1e-4, rank=16, targets="attention", steps=500, batch_
 # B-LoRA's split, as UNet module-name prefixes (content blocks, style blocks): on SDXL the paper's two attentions of
 # up_blocks.0 (arXiv 2403.14572); SD1.x/SD2.x have no such pair, so B-LoRA is refused there.
 BLORA_SDXL = (("up_blocks.0.attentions.0.",), ("up_blocks.0.attentions.1.",))
+# mini: the subject's encoder half and mid block, the style's decoder half; of six splits on the tuning split
+# (bench/blora_split.py, bench/results/blora_split.json) it identified subject and style best together (0.34 / 0.38
+# against the SDXL split's 0.16 / 0.25; 4 pairs × 8 images, the merged file alone).
+BLORA_MINI = (("down_blocks.", "mid_block."), ("up_blocks.",))
 FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {
     "mini": FamilyDefaults(learning_rate=3e-3, rank=8, targets="full", steps=300, batch_size=2,
                            gradient_checkpointing=False, aspect_buckets=False, merge_batch=2, candidates=8,
-                           blora_split=BLORA_SDXL),
+                           blora_split=BLORA_MINI),
     "sd1": FamilyDefaults(**_REAL),
     "sd2": FamilyDefaults(**_REAL),
     "sdxl": FamilyDefaults(**_REAL, blora_split=BLORA_SDXL),
