@@ -215,8 +215,9 @@ def _generate_tab(c: dict, base: BaseModel) -> None:
 
 
 def _compare_tab(c: dict, base: BaseModel) -> None:
-    gr.Markdown("One prompt and seed through the base model, each adapter alone, the direct merge and the learned "
-                "merge, one candidate per image (the columns compare the adapters, not the picking)."
+    gr.Markdown("One prompt and seed through the base model, each adapter alone, the direct merge and what Generate "
+                "uses (the learned merge, or K-LoRA), one candidate per image (the columns compare the adapters, not "
+                "the picking)."
                 + (" Scores come from the offline evaluator (probability of the training subject/style and "
                    "feature similarity to the training images)." if base.is_mini else ""))
     with gr.Row():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -168,6 +169,12 @@ def test_klora_is_a_merge_without_a_file_that_generation_uses_until_the_next_mer
     assert studio.uses_klora(paths) and not paths.has_adapter("merged")
     assert "K-LoRA" in " ".join(jobs[-1].log) and "K-LoRA" in " ".join(jobs[2].log)
     assert len([k for k in jobs[-1].artifacts if k.startswith("image")]) == 4
+    compare = studio.submit_compare(session, "a photo of sks moon in zkz style", 0, 3, 1)
+    studio.registry.wait(compare.id, 120)
+    assert compare.status == "done", compare.error
+    assert compare.meta["variants"] == ["base", "subject only", "style only", "direct merge", "K-LoRA"]
+    shown = {k: np.asarray(Image.open(paths.root / p)) for k, p in compare.artifacts.items()}
+    assert not np.array_equal(shown["cmp4-0"], shown["cmp3-0"])  # K-LoRA's choice of layers is not the sum
     merge = studio.submit_merge(session, MergeForm(method="direct"))
     studio.registry.wait(merge.id, 120)
     assert merge.status == "done" and paths.has_adapter("merged") and not studio.uses_klora(paths)
