@@ -757,27 +757,27 @@ class Studio:
         ctx.log(f"{len(images)} image(s) in {time.time() - started:.1f} s with {used}.")
         return ()
 
-    def compare_variants(self, paths: SessionPaths, base: BaseModel) -> list[tuple[str, list, object]]:
+    def compare_variants(self, paths: SessionPaths, base: BaseModel) -> list[tuple[str, object]]:
         """Base, each adapter alone, the direct merge and what generation uses (the learned merge at the Generate
-        tab's starting sliders, or K-LoRA), one candidate each: (label, adapters, K-LoRA's per-step schedule or
-        None)."""
+        tab's starting sliders, or K-LoRA), one candidate each: (label, adapters), where K-LoRA's entry is a
+        function that builds its plan (it scores layers under the base's lock: job work, not request work)."""
         have = {k: paths.has_adapter(k) for k in ("subject", "style", "merged")}
         if not (have["subject"] or have["style"]):
             raise ZipqError("Train a subject and a style adapter first: there is nothing to compare yet.")
         ad = {k: self.adapter_of(paths, k, base) for k in ("subject", "style") if have[k]}
-        variants: list[tuple[str, list, object]] = [("base", [], None)]
-        variants += [(f"{k} only", [(ad[k], 1.0)], None) for k in ("subject", "style") if k in ad]
+        variants: list[tuple[str, object]] = [("base", [])]
+        variants += [(f"{k} only", [(ad[k], 1.0)]) for k in ("subject", "style") if k in ad]
         if len(ad) == 2:
-            variants.append(("direct merge", [(ad["subject"], 1.0), (ad["style"], 1.0)], None))
+            variants.append(("direct merge", [(ad["subject"], 1.0), (ad["style"], 1.0)]))
         s = Sliders()  # what the Generate tab starts with
         if self.uses_klora(paths):
-            chosen = klora_plan(base, paths.adapter("subject"), paths.adapter("style"), s, KLoraConfig())
-            variants.append(("K-LoRA", chosen.adapters, chosen.schedule))
+            variants.append(("K-LoRA", functools.partial(klora_plan, base, paths.adapter("subject"),
+                                                         paths.adapter("style"), s, KLoraConfig())))
         elif have["merged"]:
             method = self.adapter_of(paths, "merged", base).info.get("method", "merged")
             if method != "direct":
                 variants.append((MERGE_LABELS.get(method, method),
-                                 slider_adapters(paths.merged, s.subject, s.style, s.subject_detail), None))
+                                 slider_adapters(paths.merged, s.subject, s.style, s.subject_detail)))
         return variants
 
     def submit_compare(self, session: str, prompt: str, seed, steps, num_images) -> Job:
@@ -799,13 +799,17 @@ class Studio:
         refs = {kind: views[0] for kind in ("subject", "style")
                 if paths.has_adapter(kind) and (views := load_training_views(paths.adapter(kind)))}
         rows = []
-        for v, (name, adapters, schedule) in enumerate(variants):
+        for v, (name, adapters) in enumerate(variants):
+            schedule = None
+            if callable(adapters):  # K-LoRA: its per-step choice of layers
+                chosen = adapters()
+                adapters, schedule = chosen.adapters, chosen.schedule
             images = generate(base, cfg, adapters, cancel=ctx.cancel, schedule=schedule,
                               on_step=lambda i, n, v=v: ctx.progress(v * n + i, len(variants) * n))
             for i, path in enumerate(save_pngs(images, paths.outputs, f"compare-{v}-{cfg.seed}")):
                 ctx.artifact(f"cmp{v}-{i}", path)
             rows.append(score_row(name, images, refs, cfg.prompt) if base.is_mini else [name])
-        ctx.job.meta.update({"variants": [name for name, _, _ in variants], "rows": rows})
+        ctx.job.meta.update({"variants": [name for name, _ in variants], "rows": rows})
         return ()
 
     # ---------------------------------------------------------------------------------------- whole flow

@@ -119,9 +119,7 @@ def check_fraction(value: float, name: str) -> float:
 def parse_targets(text: str) -> tuple[str, ...]:
     """A preset name ("attention", "attention+ff", "full") or comma-separated module suffixes."""
     text = text.strip()
-    if text in TARGET_PRESETS:
-        return TARGET_PRESETS[text]
-    return tuple(s.strip() for s in text.split(",") if s.strip())
+    return TARGET_PRESETS[text] if text in TARGET_PRESETS else parse_list(text)
 
 
 def parse_list(text: str) -> tuple[str, ...]:

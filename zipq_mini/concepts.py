@@ -197,7 +197,12 @@ def silhouette_iou(a: list[tuple[world.Polygon, bool]], b: list[tuple[world.Poly
 
 def _spectrum(style: StyleConcept) -> np.ndarray:
     """Mean-removed magnitude spectrum of the texture at 64 px, flattened and unit-normalised."""
-    small = texture(style).reshape(64, 4, 64, 4).mean(axis=(1, 3))
+    return _pattern_spectrum(texture(style))
+
+
+def _pattern_spectrum(pattern: np.ndarray) -> np.ndarray:
+    """``_spectrum`` of a (256, 256) supersampled two-tone pattern."""
+    small = pattern.reshape(64, 4, 64, 4).mean(axis=(1, 3))
     mag = np.abs(np.fft.rfft2(small - small.mean())).ravel()
     return mag / max(np.linalg.norm(mag), 1e-6)
 
@@ -417,9 +422,7 @@ def style_words(c: StyleConcept) -> str:
 def _world_spectrum(style: str) -> np.ndarray:
     """``_spectrum`` of a world style's pattern over the whole image (centred on the image)."""
     scene = world.Scene("circle", style, "red", "white", 32, 32, 22, 0)
-    small = world._pattern(style, np.ones((_N, _N), np.float32), scene).reshape(64, 4, 64, 4).mean(axis=(1, 3))
-    mag = np.abs(np.fft.rfft2(small - small.mean())).ravel()
-    return mag / max(np.linalg.norm(mag), 1e-6)
+    return _pattern_spectrum(world._pattern(style, np.ones((_N, _N), np.float32), scene))
 
 
 def _masks_64(parts: list[tuple[world.Polygon, bool]], angles) -> np.ndarray:
