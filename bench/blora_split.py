@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import emit_json, load_mini_base, train_concept_adapter  # first: puts the checkout on the path
+import common  # noqa: F401  (first: puts the checkout on the import path)
+from common import concept_references, emit_json, load_mini_base, train_concept_adapter
 
 import numpy as np
 import torch
@@ -45,12 +46,6 @@ SPLITS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                               "mid_block.resnets.", "up_blocks.0.resnets.", "up_blocks.1.resnets.", "up_blocks.2.")),
 }
 PROMPT = "a photo of a {colour} sks shape in zkz style on a {background} background"
-
-
-def references(j: judge.Judge, kind: str) -> dict[str, np.ndarray]:
-    s = concepts.split("tuning")
-    return {c.name: j.embed(concepts.reference_images(c, 16, seed=0), kind)
-            for c in (s.subjects if kind == "subject" else s.styles)}
 
 
 def score(j: judge.Judge, images, name: str, kind: str, refs: dict[str, np.ndarray]) -> tuple[float, float]:
@@ -82,7 +77,7 @@ def main() -> None:
     torch.set_grad_enabled(True)
     started = time.time()
     base, j = load_mini_base(args.mini), judge.load_judge()
-    refs = {kind: references(j, kind) for kind in ("subject", "style")}
+    refs = {kind: concept_references(j, "tuning", kind) for kind in ("subject", "style")}
     tuning = concepts.split("tuning")
     pairs = list(zip(tuning.subjects, tuning.styles))  # subject i with style i: every tuning concept once
     rows: dict[str, list[dict]] = {name: [] for name in SPLITS}

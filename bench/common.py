@@ -71,3 +71,13 @@ def mini_fingerprint(base) -> str:
             digest.update(key.encode())
             digest.update(tensor.detach().cpu().half().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def concept_references(j, split_name: str, kind: str) -> dict:
+    """{concept name: the judge's embeddings (16, D) of its 16 reference renders} for every concept of that kind
+    ("subject" or "style") in a split of zipq_mini.concepts: what fidelity and identification are measured against."""
+    from zipq_mini import concepts
+
+    s = concepts.split(split_name)
+    return {c.name: j.embed(concepts.reference_images(c, 16, seed=0), kind)
+            for c in (s.subjects if kind == "subject" else s.styles)}

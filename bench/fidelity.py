@@ -37,7 +37,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import emit_json, load_mini_base, mini_fingerprint, train_concept_adapter  # first: the checkout
+import common  # noqa: F401  (first: puts the checkout on the import path)
+from common import concept_references, emit_json, load_mini_base, mini_fingerprint, train_concept_adapter
 
 import numpy as np
 
@@ -191,13 +192,6 @@ def run_shards(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ report
-def references(kind: str, j: judge.Judge) -> dict[str, np.ndarray]:
-    """Judge embeddings of each test concept's 16 reference renders."""
-    s = concepts.split("test")
-    return {c.name: j.embed(concepts.reference_images(c, 16, seed=0), kind)
-            for c in (s.subjects if kind == "subject" else s.styles)}
-
-
 def score_images(images: np.ndarray, subject: str, style: str, groups: list[dict], j: judge.Judge,
                  refs: dict[str, dict[str, np.ndarray]], evaluator) -> dict[str, np.ndarray]:
     """Per-image scores (N,) of one row: judge fidelity and identification per kind, text fidelity."""
@@ -217,7 +211,7 @@ def score_images(images: np.ndarray, subject: str, style: str, groups: list[dict
 
 def load_scores(shards: Path, j: judge.Judge, evaluator) -> dict[str, dict[str, dict[str, np.ndarray]]]:
     """{pair key: {row: {metric: per-image scores over the pair's finished seeds}}}."""
-    refs = {k: references(k, j) for k in judge.KINDS}
+    refs = {k: concept_references(j, "test", k) for k in judge.KINDS}
     out: dict = {}
     for meta_path in sorted(shards.glob("*__*__seed*.json")):  # shards only (a report may sit beside them)
         meta = json.loads(meta_path.read_text())

@@ -40,8 +40,7 @@ import time
 import zlib
 from pathlib import Path
 
-import common  # noqa: F401  (first: puts the checkout on the import path)
-from common import emit_json, load_mini_base, train_concept_adapter
+from common import concept_references, emit_json, load_mini_base, train_concept_adapter
 
 import numpy as np
 import torch
@@ -96,12 +95,6 @@ def prompts(c, seed: int, subject_prompt: str = SUBJECT_PROMPT, style_prompt: st
     return out
 
 
-def references(j: judge.Judge, split_name: str, kind: str) -> dict[str, np.ndarray]:
-    s = concepts.split(split_name)
-    return {c.name: j.embed(concepts.reference_images(c, 16, seed=0), kind)
-            for c in (s.subjects if kind == "subject" else s.styles)}
-
-
 def score(j: judge.Judge, images, c, kind: str, refs: dict[str, np.ndarray]) -> dict:
     """Identification rate and mean similarity to the concept's references."""
     emb = j.embed(images, kind)
@@ -151,7 +144,7 @@ def bounds(base, j: judge.Judge, split_name: str, kinds: list[str], args) -> dic
     s = concepts.split(split_name)
     out: dict = {}
     for kind in kinds:
-        refs = references(j, split_name, kind)
+        refs = concept_references(j, split_name, kind)
         rows = {}
         for c in s.subjects if kind == "subject" else s.styles:
             clean = clean_renders(c, args.images, args.seed)
@@ -218,7 +211,7 @@ def recipe_run(base, j: judge.Judge, split_name: str, kinds: list[str], names: s
     with tempfile.TemporaryDirectory() as tmp:
         adapters = (args.adapters or Path(tmp)) / slug
         for kind in kinds:
-            refs = references(j, split_name, kind)
+            refs = concept_references(j, split_name, kind)
             rows = {}
             for c in s.subjects if kind == "subject" else s.styles:
                 if names and c.name not in names:

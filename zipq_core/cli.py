@@ -296,19 +296,21 @@ def _klora_summary(paths: Sequence[str], scores, cfg: config.GenerateConfig, sli
 def cmd_merge(args: argparse.Namespace) -> dict:
     from .adapters import import_adapter
     from .base import load_base
-    from .merge import merge_adapters
+    from .merge import merge_adapters, views_folder
 
     if args.method == "klora":  # refused before the base is loaded: nothing to write
         raise ZipqError(config.KLORA_HAS_NO_FILE)
     base = load_base(args.base, args.device, args.dtype)
     cfg = config.MergeConfig.for_family(base.family, **config_values(config.MergeConfig, args))
-    params = max(import_adapter(p, base).num_params() for p in (args.subject, args.style))
+    subject, style = (import_adapter(p, base) for p in (args.subject, args.style))  # read once: plan and merge
+    params = max(subject.num_params(), style.num_params())
     if (needs := _memory(args, base, "merge", merge=cfg, adapter_params=params)) is not None:
         return needs
     bar = _Bar(cfg.steps if cfg.learned else 1, f"merge {cfg.method}")
     last = None
     try:
-        for last in merge_adapters(base, args.subject, args.style, cfg, args.out):
+        for last in merge_adapters(base, subject, style, cfg, args.out,
+                                   views=(views_folder(args.subject), views_folder(args.style))):
             bar.update_to(last.step if not last.done or cfg.learned else 1, loss=f"{last.loss:.4f}")
     finally:
         bar.close()

@@ -104,6 +104,23 @@ def test_learned_merge_lowers_its_loss(adapters, tmp_path, similarity):
     assert last.similarity < first.similarity  # the mergers moved apart
 
 
+def test_a_learned_merge_of_adapters_already_read_uses_their_training_views(adapters, tmp_path):
+    """The CLI reads each adapter once (for the memory plan) and hands the `Adapter`s on with the folders of their
+    training views: the merge is the one made from the folders themselves."""
+    from zipq_core.merge import views_folder
+
+    base, made = adapters
+    cfg = MergeConfig(method="zipq", steps=3)
+    paths = (made["subject_dora"], made["style_dora"])
+    list(merge_adapters(base, *paths, cfg, tmp_path / "from_paths"))
+    read = [load_adapter(p) for p in paths]
+    list(merge_adapters(base, *read, cfg, tmp_path / "from_adapters", views=tuple(map(views_folder, paths))))
+    a, b = load_adapter(tmp_path / "from_paths"), load_adapter(tmp_path / "from_adapters")
+    assert a.layers.keys() == b.layers.keys()
+    for key, layer in a.layers.items():
+        assert torch.equal(layer.up, b.layers[key].up) and torch.equal(layer.magnitude, b.layers[key].magnitude)
+
+
 def test_sliders_zero_zero_is_base_exactly(adapters, tmp_path):
     base, made = adapters
     list(merge_adapters(base, made["subject_dora"], made["style_dora"], MergeConfig(method="zipq", steps=3),

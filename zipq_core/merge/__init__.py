@@ -36,17 +36,24 @@ __all__ = ["METHODS", "KLoraConfig", "MergeConfig", "MergeStep", "klora_generate
            "save_merged", "slider_adapters"]
 
 
-def _as_adapter(source: str | Path | Adapter, base: BaseModel | None = None) -> tuple[Adapter, Path | None]:
-    """An adapter and the folder its training views may be in; files of other tools (kohya, LyCORIS, peft…) are
-    converted against `base` (adapters.imports)."""
-    if isinstance(source, Adapter):
-        return source, None
+def views_folder(source: str | Path) -> Path:
+    """The folder an adapter's training views may be in: the adapter folder itself, or the folder of a file."""
     path = Path(source)
-    return import_adapter(path, base), (path if path.is_dir() else path.parent)
+    return path if path.is_dir() else path.parent
+
+
+def _as_adapter(source: str | Path | Adapter, base: BaseModel | None = None,
+                folder: Path | None = None) -> tuple[Adapter, Path | None]:
+    """An adapter and the folder its training views may be in (`folder` for an `Adapter` already read); files of
+    other tools (kohya, LyCORIS, peft…) are converted against `base` (adapters.imports)."""
+    if isinstance(source, Adapter):
+        return source, folder
+    return import_adapter(source, base), views_folder(source)
 
 
 def merge_adapters(base: BaseModel, subject: str | Path | Adapter, style: str | Path | Adapter, cfg: MergeConfig,
-                   out_dir: str | Path, cancel: threading.Event | None = None) -> Iterator[MergeStep]:
+                   out_dir: str | Path, cancel: threading.Event | None = None,
+                   views: tuple[Path | None, Path | None] = (None, None)) -> Iterator[MergeStep]:
     """Merge a subject and a style adapter and save the result (standard file + slider parts).
 
     Args:
@@ -57,13 +64,15 @@ def merge_adapters(base: BaseModel, subject: str | Path | Adapter, style: str | 
         out_dir: the merged adapter folder: `pytorch_lora_weights.safetensors`, `adapter.json`,
             `parts/subject/`, `parts/style/`.
         cancel: set to stop a learned merge between steps (nothing is saved then).
+        views: for a subject or style given as an `Adapter`, the folder its training views may be in
+            (`views_folder` of where it was read); a learned merge renders views where there are none.
 
     Yields:
         `MergeStep` records; the last has `done` and `adapter_dir` (or `cancelled`).
     """
     out = Path(out_dir)
-    subj, subj_dir = _as_adapter(subject, base)
-    sty, sty_dir = _as_adapter(style, base)
+    subj, subj_dir = _as_adapter(subject, base, views[0])
+    sty, sty_dir = _as_adapter(style, base, views[1])
     if cfg.method == "zipq" and not (subj.use_dora and sty.use_dora):
         raise ZipqError("ZipQDoRA merges two DoRA adapters; for LoRA adapters choose 'zip' (ZipLoRA).")
     started = time.time()
