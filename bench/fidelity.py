@@ -1,7 +1,8 @@
 """Fidelity on the test split: every merge method at equal compute, scored by the label-free judge.
 
-The protocol of issue 19 (ZipLoRA's subjects × styles): the 12 pairs of ``zipq_mini.concepts.pairs("test")``
-(6 test subjects × 6 test styles, each concept in 2 pairs, drawn from families nothing was tuned on). Per pair and
+The protocol of issue 19 (ZipLoRA's subjects × styles): the 24 pairs of ``zipq_mini.concepts.pairs("test", 4)``
+(6 test subjects × 6 test styles, each concept in 4 pairs, drawn from families nothing was tuned on; the first 12,
+each concept in 2, were the first protocol and come first). Per pair and
 seed (a *shard*): write the concepts' example sets (5 subject images, 3 style images), train subject and style
 DoRA (and LoRA for ZipLoRA) with the core's defaults, merge with every method and generate from the prompts
 "a photo of a {colour} sks shape in zkz style on a {background} background" (a colour and background per group of
@@ -18,7 +19,7 @@ DoRA (and LoRA for ZipLoRA) with the core's defaults, merge with every method an
 Shards resume: a shard is ``<shards>/<subject>__<style>__seed<k>.npz`` (the images of every row) and a ``.json``
 written last; a started shard keeps its adapters and finished rows under ``<shards>/work`` until it is done.
 
-    python bench/fidelity.py --shards runs/fidelity [--part 1/4] [--seeds 1] [--steps 300] [--images 32]
+    python bench/fidelity.py --shards runs/fidelity [--part 1/4] [--seeds 1] [--per-concept 4] [--steps 300]
     python bench/fidelity.py --shards runs/fidelity --report FILE [--markdown F]
 
 ``--report`` scores every finished shard with the judge (``zipq_mini.judge``; identification = the nearest
@@ -59,13 +60,19 @@ GROUP = 8  # images per prompt (one GenerateConfig batch)
 
 
 # ------------------------------------------------------------------------------------------------ shards
-def shard_tasks(seeds: int) -> list[tuple[int, int]]:
+def all_pairs() -> list[tuple]:
+    """Every test (subject, style) pair; a pair's index here names its shard and draws its prompts."""
+    return concepts.pairs("test", len(concepts.split("test").styles))
+
+
+def shard_tasks(seeds: int, per_concept: int = 2) -> list[tuple[int, int]]:
     """(pair index, seed) of every shard, seed-major so that a partial run covers all pairs first."""
-    return [(p, s) for s in range(seeds) for p in range(len(concepts.pairs("test")))]
+    everything = all_pairs()
+    return [(everything.index(p), s) for s in range(seeds) for p in concepts.pairs("test", per_concept)]
 
 
 def shard_name(pair: int, seed: int) -> str:
-    subject, style = concepts.pairs("test")[pair]
+    subject, style = all_pairs()[pair]
     return f"{subject.name}__{style.name}__seed{seed}"
 
 
@@ -132,7 +139,7 @@ def sample(base, groups: list[tuple[str, str]], seed: int, images: int, adapters
 def run_shard(base, pair: int, seed: int, args, shards: Path) -> Path:
     """Train, merge, generate every row of one shard; rows and adapters resume from ``shards/work``."""
     name = shard_name(pair, seed)
-    subject, style = concepts.pairs("test")[pair]
+    subject, style = all_pairs()[pair]
     work = shards / "work" / name
     rows_dir = work / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
@@ -182,7 +189,7 @@ def run_shards(args) -> None:
 
     torch.set_grad_enabled(True)
     args.shards.mkdir(parents=True, exist_ok=True)
-    todo = [t for t in my_tasks(shard_tasks(args.seeds), args.part)
+    todo = [t for t in my_tasks(shard_tasks(args.seeds, args.per_concept), args.part)
             if not (args.shards / f"{shard_name(*t)}.json").is_file()]
     print(f"{len(todo)} shards to run", file=sys.stderr, flush=True)
     base = load_mini_base(args.mini)
@@ -270,6 +277,8 @@ def main() -> None:
     parser.add_argument("--shards", type=Path, required=True, help="folder of shards (created; resumed)")
     parser.add_argument("--part", default="1/1", help="run every n-th shard from the i-th: i/n")
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--per-concept", type=int, default=4,
+                        help="pairs per test concept (2: the first 12 pairs; 4: 24; 6: all 36)")
     parser.add_argument("--steps", type=int, default=300, help="training steps per adapter")
     parser.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
     parser.add_argument("--merge-steps", type=int, default=100)

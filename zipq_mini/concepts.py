@@ -264,11 +264,17 @@ def split(name: str) -> Split:
                  tuple(_draw_styles(rng, n, name, avoid_styles)))
 
 
-def pairs(split_name: str = "test") -> list[tuple[SubjectConcept, StyleConcept]]:
-    """Subject i with styles i and i+1 (cyclically): 2n pairs, each concept in two."""
+def pairs(split_name: str = "test", per_concept: int = 2) -> list[tuple[SubjectConcept, StyleConcept]]:
+    """Subject i with styles i, i+1, …, i+per_concept-1 (cyclically): n·per_concept pairs, each concept in
+    `per_concept` of them. In blocks of 2n (styles i and i+1, then i+2 and i+3, …), so that the first 2n pairs,
+    their order and their indices are the same for every `per_concept`, and a benchmark run in order covers every
+    concept evenly."""
     s = split(split_name)
     n = len(s.subjects)
-    return [(s.subjects[i], s.styles[(i + k) % n]) for i in range(n) for k in (0, 1)]
+    if not 1 <= per_concept <= n:
+        raise ValueError(f"per_concept must be 1..{n} (the split's {n} styles), not {per_concept}")
+    return [(s.subjects[i], s.styles[(i + k) % n]) for block in range(0, per_concept, 2) for i in range(n)
+            for k in range(block, min(block + 2, per_concept))]
 
 
 def concept(name: str) -> SubjectConcept | StyleConcept:

@@ -54,12 +54,17 @@ def test_texture_period_contrast_and_range():
     assert np.abs(np.fft.rfft(row - row.mean()))[1:].argmax() + 1 == 64 // 8  # 8 periods across 64 px
 
 
-def test_pairs_put_every_test_concept_in_two_pairs():
-    pairs = concepts.pairs("test")
-    assert len(pairs) == 12 and len(set((a.name, b.name) for a, b in pairs)) == 12
+@pytest.mark.parametrize("per_concept", [2, 4, 6])
+def test_pairs_put_every_test_concept_in_the_same_number_of_pairs(per_concept):
+    pairs = concepts.pairs("test", per_concept)
+    assert len(pairs) == 6 * per_concept and len(set((a.name, b.name) for a, b in pairs)) == len(pairs)
     for group in (concepts.split("test").subjects, concepts.split("test").styles):
         for c in group:
-            assert sum(c in pair for pair in pairs) == 2
+            assert sum(c in pair for pair in pairs) == per_concept
+    assert pairs[:12] == concepts.pairs("test")  # more pairs extend the first 12 (shards and prompts keep indices)
+    assert [(a.name, b.name) for a, b in pairs[:3]] == [("test_subject_0", "test_style_0"),
+                                                        ("test_subject_0", "test_style_1"),
+                                                        ("test_subject_1", "test_style_1")]
 
 
 def test_render_concepts_draws_the_silhouette_and_the_texture():

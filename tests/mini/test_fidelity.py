@@ -29,6 +29,18 @@ def test_parts_partition_the_shards(fidelity):
         fidelity.my_tasks(tasks, "4/3")
 
 
+@pytest.mark.parametrize("per_concept", [2, 3, 4])
+def test_more_pairs_per_concept_keep_the_first_shards(fidelity, per_concept):
+    """A wider protocol adds shards; the pairs of a narrower one keep their index (their prompts) and names."""
+    tasks = fidelity.shard_tasks(1, per_concept)
+    names = [fidelity.shard_name(*t) for t in tasks]
+    assert len(set(names)) == len(tasks) == 6 * per_concept
+    assert set(fidelity.shard_tasks(1, 2)) <= set(tasks) and tasks[:12] == [(p, 0) for p in range(12)]
+    for (pair, _), name in zip(tasks, names):
+        subject, style = fidelity.all_pairs()[pair]
+        assert name.startswith(f"{subject.name}__{style.name}__")
+
+
 def test_rows_are_equal_compute_plus_static_files(fidelity):
     assert {"subject_only", "style_only", "direct", "zip", "zipq", "ties", "dare", "blora"} <= set(fidelity.ROWS)
     assert {f"{m}_file" for m in fidelity.MERGES} <= set(fidelity.ROWS) and "klora_file" not in fidelity.ROWS
@@ -112,7 +124,7 @@ def test_run_shards_resumes_past_finished_shards(fidelity, tmp_path, monkeypatch
     (tmp_path / "mini.json").write_text('{"fingerprint": "aaaa"}')
 
     class Args:
-        shards, part, seeds, mini = tmp_path, "1/2", 1, None
+        shards, part, seeds, per_concept, mini = tmp_path, "1/2", 1, 2, None
 
     fidelity.run_shards(Args)
     assert ran == [(4, 0), (6, 0), (8, 0), (10, 0)]
