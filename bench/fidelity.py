@@ -55,6 +55,8 @@ ROWS = ["subject_only", "style_only", *MERGES, *LIVE, *(f"{m}_file" for m in MER
 COMPARISONS = [("zipq", "direct"), ("zipq", "klora"), ("zipq_file", "direct_file"), ("zipq", "subject_only"),
                ("zipq", "style_only")]
 METRICS = ["subject_fidelity", "style_fidelity", "subject_id", "style_id", "text"]
+FIDELITY = METRICS[:2]
+PER_PAIR = [("zipq", "direct"), ("zipq_file", "direct_file")]  # the report's per-pair table: where the means come from
 PROMPT = "a photo of a {colour} sks shape in zkz style on a {background} background"
 GROUP = 8  # images per prompt (one GenerateConfig batch)
 
@@ -257,7 +259,11 @@ def report(scores: dict, resamples: int = 2000) -> dict:
         if keys:
             diffs[f"{a} - {b}"] = {m: bootstrap([scores[p][a][m] - scores[p][b][m] for p in keys], resamples)
                                    for m in METRICS}
-    return {"rows": table, "differences": diffs, "pairs": sorted(scores)}
+    per_pair = {p: {"images": len(next(iter(rows.values()))["subject_fidelity"]),
+                    **{f"{a} - {b}": {m: round(float(np.mean(rows[a][m] - rows[b][m])), 4) for m in FIDELITY}
+                       for a, b in PER_PAIR if a in rows and b in rows}}
+                for p, rows in scores.items()}
+    return {"rows": table, "differences": diffs, "pairs": sorted(scores), "per_pair": per_pair}
 
 
 def markdown(result: dict) -> str:
@@ -269,6 +275,11 @@ def markdown(result: dict) -> str:
     lines += ["", "| paired difference | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     lines += [f"| {name} | " + " | ".join(f"{v[m]['mean']:+.3f} [{v[m]['low']:+.3f}, {v[m]['high']:+.3f}]"
                                           for m in METRICS) + " |" for name, v in result["differences"].items()]
+    columns = [(f"{a} - {b}", m) for a, b in PER_PAIR for m in FIDELITY]
+    lines += ["", "| pair | images | " + " | ".join(f"{c}: {m}" for c, m in columns) + " |",
+              "|---|---|" + "---|" * len(columns)]
+    lines += [f"| {pair} | {v['images']} | " + " | ".join(f"{v[c][m]:+.3f}" if c in v else "" for c, m in columns)
+              + " |" for pair, v in sorted(result.get("per_pair", {}).items())]
     return "\n".join(lines) + "\n"
 
 

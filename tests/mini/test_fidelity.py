@@ -110,7 +110,11 @@ def test_report_scores_finished_shards_and_bootstraps_differences(fidelity, tmp_
     same = result["differences"]["zipq_file - direct_file"]["style_fidelity"]
     assert same["mean"] == 0.0 and same["half_width"] == 0.0  # identical rows: a paired difference of exactly 0
     assert "zipq - klora" not in result["differences"]  # rows that no shard has are left out
-    assert "| zipq - direct |" in fidelity.markdown(result)
+    assert sorted(result["per_pair"]) == result["pairs"]
+    for v in result["per_pair"].values():  # the per-pair means behind the pooled difference
+        assert v["images"] == 8 and v["zipq - direct"]["subject_fidelity"] > 0.2
+        assert v["zipq_file - direct_file"]["style_fidelity"] == 0.0
+    assert "| zipq - direct |" in fidelity.markdown(result) and "| images |" in fidelity.markdown(result)
 
 
 def test_run_shards_resumes_past_finished_shards(fidelity, tmp_path, monkeypatch):
