@@ -495,9 +495,27 @@ def load_single_file(path: Path, dtype: torch.dtype, prediction_type: str | None
     with tempfile.TemporaryDirectory(prefix="zipq-single-file-") as folder:
         write_config_folder(Path(folder), config)
         try:
-            return cls.from_single_file(str(path), config=folder, local_files_only=True, torch_dtype=dtype,
+            pipe = cls.from_single_file(str(path), config=folder, local_files_only=True, torch_dtype=dtype,
                                         **tokenizers)
         except Exception as e:  # the weights disagree with the configs read from their own shapes
             raise ZipqError(f"Could not load {path.name} as {config.arch} ({config.prediction_type}, from "
                             f"{config.prediction_source}): {type(e).__name__}: {e}. Its layout differs from the "
                             "standard one; convert it to a diffusers folder with its own config and load that.") from e
+    return in_own_memory(pipe)
+
+
+def in_own_memory(pipe):
+    """The pipeline with every CPU weight copied out of the checkpoint's memory map.
+
+    Weights loaded in the file's own dtype are views into the mapped file at the file's offsets, which safetensors
+    aligns only to the element size. CPU kernels take other paths on such addresses and round differently, so the
+    same weights loaded from a diffusers folder gave other images (1e-6 apart in the UNet's output on an AMD EPYC),
+    and the process kept the file open. A copy per tensor costs no extra peak: the map's pages are the file's.
+    """
+    with torch.no_grad():
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                for tensor in [*component.parameters(), *component.buffers()]:
+                    if tensor.device.type == "cpu":
+                        tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
+    return pipe
