@@ -650,10 +650,10 @@ class Studio:
         staging = paths.merged.with_name("merged.new")  # the earlier merge stays until this one succeeds
         shutil.rmtree(staging, ignore_errors=True)
         try:
-            for kind in ("subject", "style"):  # what a queued merge finds may have changed since it was queued
-                self.adapter_of(paths, kind, base)
-            for record in merge_adapters(base, paths.adapter("subject"), paths.adapter("style"), cfg, staging,
-                                         cancel=ctx.cancel):
+            # read (and checked) once: what a queued merge finds may have changed since it was queued
+            subject, style = (self.adapter_of(paths, kind, base) for kind in ("subject", "style"))
+            for record in merge_adapters(base, subject, style, cfg, staging, cancel=ctx.cancel,
+                                         views=(paths.adapter("subject"), paths.adapter("style"))):
                 if record.done:
                     shutil.rmtree(paths.merged, ignore_errors=True)
                     staging.rename(paths.merged)
