@@ -389,11 +389,15 @@ class MergeConfig:
     # the lowest subject and style fidelity in each of three comparisons on mini (4 held-out pairs each).
     similarity: Literal["product", "cosine"] = field(default="cosine", metadata=_help(
         "Merger-similarity term: |cos(m_c, m_s)| (cosine, ZipLoRA's paper) or mean|m_c⊙m_s| (product)."))
+    balance: Literal["plain", "relative"] = field(default="plain", metadata=_help(
+        "Reconstruction terms: plain (ZipLoRA's sum) or relative (each divided by how far its adapter moves the "
+        "base's prediction, so a subtle subject counts as much as a strong style; two more UNet passes a step)."))
     gradient_checkpointing: bool = field(default=False, metadata=_help(
         "Recompute the UNet's activations in backward (default: the base family's; on for real bases)."))
 
     def __post_init__(self) -> None:
         _check(self.method != "klora", KLORA_HAS_NO_FILE)
+        _check(self.balance in ("plain", "relative"), f"balance must be 'plain' or 'relative', not {self.balance!r}.")
         _check(self.method in METHODS, f"merge method {self.method!r} is unknown: use one of {', '.join(METHODS)}.")
         _check(_is_int(self.steps) and 1 <= self.steps <= 1000,
                f"merge steps must be between 1 and 1000, not {self.steps}.")

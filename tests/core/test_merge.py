@@ -94,14 +94,39 @@ def test_a_dora_merged_with_a_lora_is_a_file_diffusers_reads_exactly(adapters, t
     assert (theirs - merged_model).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("similarity", ["product", "cosine"])
-def test_learned_merge_lowers_its_loss(adapters, tmp_path, similarity):
+@pytest.mark.parametrize("similarity,balance", [("product", "plain"), ("cosine", "plain"), ("cosine", "relative")])
+def test_learned_merge_lowers_its_loss(adapters, tmp_path, similarity, balance):
     base, made = adapters
-    cfg = MergeConfig(method="zipq", steps=30, similarity=similarity, learning_rate=3e-2)
+    cfg = MergeConfig(method="zipq", steps=30, similarity=similarity, learning_rate=3e-2, balance=balance)
     records = [r for r in merge_adapters(base, made["subject_dora"], made["style_dora"], cfg, tmp_path / "m")
                if not r.done]
     first, last = records[0], records[-1]
     assert last.similarity < first.similarity  # the mergers moved apart
+
+
+def test_relative_balance_weighs_each_term_by_how_far_its_adapter_moves_the_base(adapters):
+    """The weights come from the base's own prediction (no part shown) on each concept's batch, average 1, and are
+    inverse to each adapter's effect: a target 0.1 from the base weighs 9× one 0.3 from it."""
+    from zipq_core.adapters.live import live_layers
+    from zipq_core.encode import encode_captions, unet_forward
+    from zipq_core.merge.learned import _balance
+
+    base, made = adapters
+    subject = load_adapter(made["subject_dora"])
+    torch.manual_seed(0)
+    c, side = base.unet.config.in_channels, base.unet.config.sample_size
+    noisy = [torch.randn(1, c, side, side) for _ in range(2)]
+    t = torch.tensor([500])
+    batch = [(None, encode_captions(base, [c], base.default_size)) for c in ("a sks shape", "a zkz picture")]
+    with torch.no_grad(), live_layers(base.pipe, set(subject.layers)) as live:
+        own = [unet_forward(base.unet, x, t, cond).float() for x, (_, cond) in zip(noisy, batch)]
+        targets = (own[0] + 0.1, own[1] + 0.3)
+        assert _balance("plain", live, base.unet, noisy, t, batch, targets) == (1.0, 1.0)
+        for key, layer in live.items():  # a part shown: _balance must take it away for the base's prediction
+            layer.parts = [subject.layers[key]]
+        w_c, w_s = _balance("relative", live, base.unet, noisy, t, batch, targets)
+    assert w_c == pytest.approx(1.8, rel=1e-3) and w_s == pytest.approx(0.2, rel=1e-3)
+    assert (w_c + w_s) / 2 == pytest.approx(1.0)
 
 
 def test_a_learned_merge_of_adapters_already_read_uses_their_training_views(adapters, tmp_path):
@@ -186,7 +211,8 @@ def test_blora_keeps_the_subject_in_its_content_blocks_and_the_style_in_its_styl
 
 
 @pytest.mark.parametrize("bad", [dict(method="sum"), dict(steps=0), dict(density=0), dict(subject_weight=2),
-                                 dict(similarity="dot"), dict(blora_style=["up_blocks."]), dict(blora_content=("",))])
+                                 dict(similarity="dot"), dict(balance="equal"), dict(blora_style=["up_blocks."]),
+                                 dict(blora_content=("",))])
 def test_merge_config_errors(bad):
     with pytest.raises(ZipqError):
         MergeConfig(**bad)

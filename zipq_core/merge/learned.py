@@ -91,6 +91,19 @@ def _similarity(mergers: _Mergers, kind: str) -> torch.Tensor:
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 
+def _balance(kind: str, live: dict[str, LiveLayer], unet, noisy: list[torch.Tensor], t: torch.Tensor,
+             batch: list[tuple], targets: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
+    """Weights of the two reconstruction terms. "plain": 1 and 1 (ZipLoRA's loss). "relative": each term divided by
+    how far its adapter moves the base's prediction on the same batch, rescaled so the weights average 1 (the
+    similarity term keeps its share): a subtle adapter's errors count as much as a strong one's."""
+    if kind == "plain":
+        return 1.0, 1.0
+    _show(live)
+    moved = [float(F.mse_loss(unet_forward(unet, x, t, cond).float(), target)) + 1e-12
+             for x, (_, cond), target in zip(noisy, batch, targets)]
+    return 2 * moved[1] / sum(moved), 2 * moved[0] / sum(moved)  # ∝ 1 / moved, averaging 1
+
+
 def _concept_views(base: BaseModel, adapter_dir: Path | None, adapter: Adapter,
                    resolution: int) -> tuple[list, list[str]]:
     """An adapter's own training views (images, captions), or images it generates when it has none."""
@@ -168,12 +181,13 @@ def learned_merge(base: BaseModel, subject: Adapter, style: Adapter, dirs: tuple
                     target_c = unet_forward(unet, noisy[0], t, batch[0][1]).float()
                     _show(live, teacher_s)
                     target_s = unet_forward(unet, noisy[1], t, batch[1][1]).float()
+                    weights = _balance(cfg.balance, live, unet, noisy, t, batch, (target_c, target_s))
                 _show(live, *_learned_parts(subject, style, mergers, norms))
                 pred_c = unet_forward(unet, noisy[0], t, batch[0][1]).float()
                 pred_s = unet_forward(unet, noisy[1], t, batch[1][1]).float()
                 loss_c, loss_s = F.mse_loss(pred_c, target_c), F.mse_loss(pred_s, target_s)
                 similarity = _similarity(mergers, cfg.similarity)
-                loss = loss_c + loss_s + cfg.lam * similarity
+                loss = weights[0] * loss_c + weights[1] * loss_s + cfg.lam * similarity
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
