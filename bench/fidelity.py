@@ -172,6 +172,75 @@ def run_shard(base, pair: int, seed: int, args, shards: Path) -> Path:
     return shards / f"{name}.json"
 
 
+def parse_recipe(text: str) -> dict:
+    """"lam=0,balance=relative" → MergeConfig fields (ints, then floats, else strings)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        for kind in (int, float, str):
+            try:
+                out[key.strip()] = kind(value.strip())
+                break
+            except ValueError:
+                continue
+    return out
+
+
+def extra_name(pair: int, seed: int, label: str) -> str:
+    return f"{shard_name(pair, seed)}.{label}"
+
+
+def run_extra(base, pair: int, seed: int, label: str, recipe: dict, shards: Path) -> Path:
+    """Rows ``label`` (as the app generates) and ``label_file`` of a ZipQDoRA recipe for a finished shard.
+
+    The shard's two DoRA adapters are trained again with its settings and seed; the direct merge's file row is
+    generated again too and compared with the stored one, so the report can tell whether the adapters (and with
+    them every paired difference) were reproduced exactly. Written as ``<shard>.<label>.npz`` and, last, ``.json``.
+    """
+    name = shard_name(pair, seed)
+    meta = json.loads((shards / f"{name}.json").read_text())
+    settings = meta["settings"]
+    subject, style = all_pairs()[pair]
+    work = shards / "work" / extra_name(pair, seed, label)
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    sets = {"subject": concepts.write_example_set(subject, work / "examples" / "subject", seed),
+            "style": concepts.write_example_set(style, work / "examples" / "style", seed)}
+    dirs = {f"{kind}_dora": train_concept_adapter(base, kind, sets[kind], work / f"{kind}_dora", method="dora",
+                                                  steps=int(settings["steps"]), seed=seed,
+                                                  learning_rate=float(settings["lr"]))
+            for kind in ("subject", "style")}
+    merged = {}
+    for method, fields in (("direct", {}), (label, recipe)):
+        out = work / f"merged_{method}"
+        if not (out / "done").is_file():
+            cfg = MergeConfig(**{"method": "zipq", "steps": int(settings["merge_steps"]),
+                                 "learning_rate": float(settings["merge_lr"]), "seed": seed,
+                                 **({"method": "direct"} if method == "direct" else fields)})
+            list(merge_adapters(base, dirs["subject_dora"], dirs["style_dora"], cfg, out))
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "done").write_text("")
+        merged[method] = {"dir": str(out)}
+    groups = [(g["colour"], g["background"]) for g in meta["groups"]]
+    rows = {}
+    for row in ("direct_file", label, f"{label}_file"):
+        path = work / f"{row}.npy"
+        if not path.is_file():
+            adapters, candidates, schedule = row_adapters(base, row, dirs, merged)
+            np.save(work / f"{row}.tmp.npy", sample(base, groups, seed, meta["images"], adapters, candidates))
+            (work / f"{row}.tmp.npy").rename(path)
+        rows[row] = np.load(path)
+    stored = np.load(shards / f"{name}.npz")["direct_file"]
+    np.savez_compressed(shards / f"{extra_name(pair, seed, label)}.npz",
+                        **{r: rows[r] for r in (label, f"{label}_file")})
+    extra = {"shard": name, "label": label, "recipe": recipe, "rows": [label, f"{label}_file"],
+             "direct_file_max_difference": int(np.abs(rows["direct_file"].astype(int) - stored).max()),
+             "seconds": round(time.time() - started, 1)}
+    (shards / f"{extra_name(pair, seed, label)}.json").write_text(json.dumps(extra, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    return shards / f"{extra_name(pair, seed, label)}.json"
+
+
 def check_mini(shards: Path, fingerprint: str) -> None:
     """Shards of one folder come from one mini: record its fingerprint, refuse to add another mini's shards."""
     path = shards / "mini.json"
@@ -191,13 +260,19 @@ def run_shards(args) -> None:
 
     torch.set_grad_enabled(True)
     args.shards.mkdir(parents=True, exist_ok=True)
-    todo = [t for t in my_tasks(shard_tasks(args.seeds, args.per_concept), args.part)
-            if not (args.shards / f"{shard_name(*t)}.json").is_file()]
+    tasks = my_tasks(shard_tasks(args.seeds, args.per_concept), args.part)
+    if args.add:  # another recipe's rows for every finished shard of this part
+        todo = [t for t in tasks if (args.shards / f"{shard_name(*t)}.json").is_file()
+                and not (args.shards / f"{extra_name(*t, args.add)}.json").is_file()]
+    else:
+        todo = [t for t in tasks if not (args.shards / f"{shard_name(*t)}.json").is_file()]
     print(f"{len(todo)} shards to run", file=sys.stderr, flush=True)
     base = load_mini_base(args.mini)
     check_mini(args.shards, mini_fingerprint(base))
     for pair, seed in todo:
-        print(f"done: {run_shard(base, pair, seed, args, args.shards)}", file=sys.stderr, flush=True)
+        done = (run_extra(base, pair, seed, args.add, parse_recipe(args.recipe), args.shards) if args.add
+                else run_shard(base, pair, seed, args, args.shards))
+        print(f"done: {done}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -223,15 +298,29 @@ def load_scores(shards: Path, j: judge.Judge, evaluator) -> dict[str, dict[str, 
     refs = {k: concept_references(j, "test", k) for k in judge.KINDS}
     out: dict = {}
     for meta_path in sorted(shards.glob("*__*__seed*.json")):  # shards only (a report may sit beside them)
+        if "." in meta_path.stem:
+            continue  # another recipe's rows: read with their shard
         meta = json.loads(meta_path.read_text())
-        data = np.load(meta_path.with_suffix(".npz"))
         key = f"{meta['subject']} × {meta['style']}"
-        for row in meta["rows"]:
-            s = score_images(data[row], meta["subject"], meta["style"], meta["groups"], j, refs, evaluator)
-            dest = out.setdefault(key, {}).setdefault(row, {})
-            for m, v in s.items():
-                dest[m] = np.concatenate([dest[m], v]) if m in dest else v
+        sources = [(meta_path, meta["rows"])]
+        sources += [(p, json.loads(p.read_text())["rows"]) for p in sorted(shards.glob(f"{meta_path.stem}.*.json"))]
+        for path, rows in sources:
+            data = np.load(path.with_suffix(".npz"))
+            for row in rows:
+                s = score_images(data[row], meta["subject"], meta["style"], meta["groups"], j, refs, evaluator)
+                dest = out.setdefault(key, {}).setdefault(row, {})
+                for m, v in s.items():
+                    dest[m] = np.concatenate([dest[m], v]) if m in dest else v
     return out
+
+
+def extra_comparisons(rows: set[str]) -> list[tuple[str, str]]:
+    """The comparisons of another recipe's rows (``--add LABEL``): its app row against what zipq's is compared
+    with and against zipq itself, its file against the direct and the zipq file."""
+    labels = sorted(r for r in rows if r not in ROWS and not r.endswith("_file"))
+    return [pair for label in labels for pair in
+            [(label, "direct"), (label, "klora"), (label, "zipq"), (label, "subject_only"), (label, "style_only"),
+             (f"{label}_file", "direct_file"), (f"{label}_file", "zipq_file")]]
 
 
 def bootstrap(per_pair: list[np.ndarray], resamples: int = 2000, seed: int = 0) -> dict:
@@ -254,14 +343,16 @@ def report(scores: dict, resamples: int = 2000) -> dict:
     table = {row: {m: bootstrap([scores[p][row][m] for p in scores if row in scores[p]], resamples)
                    for m in METRICS} for row in rows}
     diffs = {}
-    for a, b in COMPARISONS:
+    extra = extra_comparisons(set(rows))
+    for a, b in COMPARISONS + extra:
         keys = [p for p in scores if a in scores[p] and b in scores[p]]
         if keys:
             diffs[f"{a} - {b}"] = {m: bootstrap([scores[p][a][m] - scores[p][b][m] for p in keys], resamples)
                                    for m in METRICS}
     per_pair = {p: {"images": len(next(iter(rows.values()))["subject_fidelity"]),
                     **{f"{a} - {b}": {m: round(float(np.mean(rows[a][m] - rows[b][m])), 4) for m in FIDELITY}
-                       for a, b in PER_PAIR if a in rows and b in rows}}
+                       for a, b in PER_PAIR + [c for c in extra if c[1].startswith("direct")]
+                       if a in rows and b in rows}}
                 for p, rows in scores.items()}
     return {"rows": table, "differences": diffs, "pairs": sorted(scores), "per_pair": per_pair}
 
@@ -275,7 +366,9 @@ def markdown(result: dict) -> str:
     lines += ["", "| paired difference | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     lines += [f"| {name} | " + " | ".join(f"{v[m]['mean']:+.3f} [{v[m]['low']:+.3f}, {v[m]['high']:+.3f}]"
                                           for m in METRICS) + " |" for name, v in result["differences"].items()]
-    columns = [(f"{a} - {b}", m) for a, b in PER_PAIR for m in FIDELITY]
+    compared = {name for v in result.get("per_pair", {}).values() for name in v if " - " in name}
+    columns = [(name, m) for name in sorted(compared, key=lambda n: (n not in {f"{a} - {b}" for a, b in PER_PAIR}, n))
+               for m in FIDELITY]
     lines += ["", "| pair | images | " + " | ".join(f"{c}: {m}" for c, m in columns) + " |",
               "|---|---|" + "---|" * len(columns)]
     lines += [f"| {pair} | {v['images']} | " + " | ".join(f"{v[c][m]:+.3f}" if c in v else "" for c, m in columns)
@@ -295,11 +388,17 @@ def main() -> None:
     parser.add_argument("--merge-steps", type=int, default=100)
     parser.add_argument("--merge-lr", type=float, default=3e-3)
     parser.add_argument("--images", type=int, default=32, help="images per row and shard (groups of 8 per prompt)")
+    parser.add_argument("--add", default=None, metavar="LABEL",
+                        help="add rows LABEL and LABEL_file of another ZipQDoRA recipe to every finished shard")
+    parser.add_argument("--recipe", default="", help="that recipe's MergeConfig fields: lam=0,balance=relative")
     parser.add_argument("--mini", type=Path, default=None, help="a candidate mini's folder (default: assets/mini)")
     parser.add_argument("--report", type=Path, default=None, help="score the finished shards into this JSON file")
     parser.add_argument("--markdown", type=Path, default=None)
     parser.add_argument("--resamples", type=int, default=2000)
     args = parser.parse_args()
+    if args.add is not None and (args.add in ROWS or not args.add.isidentifier()):
+        raise SystemExit(f"--add {args.add!r}: name the new rows with a word of letters, digits and _ that is not "
+                         f"one of the shard's rows ({', '.join(ROWS)})")
     if args.report is None:
         run_shards(args)
         return
@@ -307,6 +406,12 @@ def main() -> None:
 
     started = time.time()
     result = report(load_scores(args.shards, judge.load_judge(), load_evaluator()), args.resamples)
+    extras = [json.loads(p.read_text()) for p in sorted(args.shards.glob("*__*__seed*.*.json"))]
+    if extras:  # was each recipe's pair of adapters the shard's own? (0: its direct file came back pixel-exact)
+        added = result["added_rows"] = {e["label"]: {"recipe": e["recipe"], "direct_file_max_difference": {}}
+                                        for e in extras}
+        for e in extras:
+            added[e["label"]]["direct_file_max_difference"][e["shard"]] = e["direct_file_max_difference"]
     result["seconds"] = round(time.time() - started, 1)
     emit_json(result, args.report)
     if args.markdown:

@@ -128,10 +128,53 @@ def test_run_shards_resumes_past_finished_shards(fidelity, tmp_path, monkeypatch
     (tmp_path / "mini.json").write_text('{"fingerprint": "aaaa"}')
 
     class Args:
-        shards, part, seeds, per_concept, mini = tmp_path, "1/2", 1, 2, None
+        shards, part, seeds, per_concept, mini, add, recipe = tmp_path, "1/2", 1, 2, None, None, ""
 
     fidelity.run_shards(Args)
     assert ran == [(4, 0), (6, 0), (8, 0), (10, 0)]
+    monkeypatch.setattr(fidelity, "run_extra", lambda base, pair, seed, label, recipe, shards:
+                        ran.append((pair, seed, label, recipe)) or shards / "x.json")
+    (tmp_path / f"{fidelity.extra_name(0, 0, 'other')}.json").write_text("{}")
+    Args.add, Args.recipe = "other", "lam=0,balance=relative,steps=200"
+    fidelity.run_shards(Args)  # another recipe's rows: only for finished shards that lack them
+    assert ran[4:] == [(2, 0, "other", {"lam": 0, "balance": "relative", "steps": 200})]
+
+
+def test_another_recipes_rows_join_their_shard_in_the_report(fidelity, tmp_path, monkeypatch):
+    """--add LABEL trains the shard's adapters again, merges with the recipe and generates its two rows; the direct
+    file's row, generated again, tells whether the adapters were the shard's own; the report compares the rows."""
+    from zipq_mini.evaluator import load_evaluator
+    from zipq_mini.judge import load_judge
+
+    subject, style = concepts.pairs("test")[0]
+    other_subject, other_style = concepts.pairs("test")[4]
+    rng = np.random.default_rng(0)
+    scenes = [concepts.random_scene(rng, colour="red", background="white", large=True) for _ in range(8)]
+    good = [np.asarray(concepts.render_concepts(scene, subject, style)) for scene in scenes]
+    bad = [np.asarray(concepts.render_concepts(scene, other_subject, other_style)) for scene in scenes]
+    _fake_shard(tmp_path, 0, good, bad, [("red", "white")])
+    meta_path = tmp_path / f"{fidelity_name(0)}.json"
+    meta = json.loads(meta_path.read_text())
+    meta.update(images=8, settings={"steps": "300", "lr": "0.003", "merge_steps": "100", "merge_lr": "0.003"})
+    meta_path.write_text(json.dumps(meta))
+    merged = []
+    monkeypatch.setattr(fidelity, "train_concept_adapter", lambda base, kind, folder, out, **settings: out)
+    monkeypatch.setattr(fidelity, "merge_adapters", lambda base, s, t, cfg, out: merged.append(cfg) or [])
+    monkeypatch.setattr(fidelity, "row_adapters", lambda base, row, dirs, m: (row, 1, None))
+    rows = {"direct_file": np.stack(bad), "better": np.stack(good), "better_file": np.stack(bad)}
+    monkeypatch.setattr(fidelity, "sample", lambda base, groups, seed, images, adapters, candidates: rows[adapters])
+    fidelity.run_extra(None, 0, 0, "better", {"lam": 0.0}, tmp_path)
+    assert [(c.method, c.lam, c.steps) for c in merged] == [("direct", 0.01, 100), ("zipq", 0.0, 100)]
+    extra = json.loads((tmp_path / f"{fidelity.extra_name(0, 0, 'better')}.json").read_text())
+    assert extra["rows"] == ["better", "better_file"] and not any((tmp_path / "work").glob("*"))
+    # the stored direct_file row was `good`, the one made again is `bad`: the adapters were not reproduced
+    assert extra["direct_file_max_difference"] > 0
+    result = fidelity.report(fidelity.load_scores(tmp_path, load_judge(), load_evaluator()), resamples=100)
+    assert len(result["pairs"]) == 1 and {"better", "better_file"} <= set(result["rows"])
+    assert result["differences"]["better - zipq"]["subject_fidelity"]["mean"] == 0.0  # both rows are `good`
+    assert result["differences"]["better_file - direct_file"]["subject_fidelity"]["mean"] < -0.2
+    assert "better_file - direct_file" in next(iter(result["per_pair"].values()))
+    assert "| better - direct |" in fidelity.markdown(result)
 
 
 def test_a_shard_resumes_its_rows_and_writes_its_json_last(fidelity, tmp_path, monkeypatch):
