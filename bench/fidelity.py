@@ -67,7 +67,7 @@ def all_pairs() -> list[tuple]:
     return concepts.pairs("test", len(concepts.split("test").styles))
 
 
-def shard_tasks(seeds: int, per_concept: int = 2) -> list[tuple[int, int]]:
+def shard_tasks(seeds: int, per_concept: int = 4) -> list[tuple[int, int]]:
     """(pair index, seed) of every shard, seed-major so that a partial run covers all pairs first."""
     everything = all_pairs()
     return [(everything.index(p), s) for s in range(seeds) for p in concepts.pairs("test", per_concept)]

@@ -21,7 +21,7 @@ def fidelity():
 
 
 def test_parts_partition_the_shards(fidelity):
-    tasks = fidelity.shard_tasks(2)
+    tasks = fidelity.shard_tasks(2, per_concept=2)
     assert len(tasks) == 24 and len({fidelity.shard_name(*t) for t in tasks}) == 24
     parts = [fidelity.my_tasks(tasks, f"{i}/3") for i in (1, 2, 3)]
     assert sorted(t for p in parts for t in p) == sorted(tasks) and sum(map(len, parts)) == 24
