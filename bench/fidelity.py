@@ -235,6 +235,7 @@ def run_extra(base, pair: int, seed: int, label: str, recipe: dict, shards: Path
                         **{r: rows[r] for r in (label, f"{label}_file")})
     extra = {"shard": name, "label": label, "recipe": recipe, "rows": [label, f"{label}_file"],
              "direct_file_max_difference": int(np.abs(rows["direct_file"].astype(int) - stored).max()),
+             "direct_file_mean_difference": float(np.abs(rows["direct_file"].astype(int) - stored).mean()),
              "seconds": round(time.time() - started, 1)}
     (shards / f"{extra_name(pair, seed, label)}.json").write_text(json.dumps(extra, indent=1))
     shutil.rmtree(work, ignore_errors=True)
@@ -408,10 +409,11 @@ def main() -> None:
     result = report(load_scores(args.shards, judge.load_judge(), load_evaluator()), args.resamples)
     extras = [json.loads(p.read_text()) for p in sorted(args.shards.glob("*__*__seed*.*.json"))]
     if extras:  # was each recipe's pair of adapters the shard's own? (0: its direct file came back pixel-exact)
-        added = result["added_rows"] = {e["label"]: {"recipe": e["recipe"], "direct_file_max_difference": {}}
+        added = result["added_rows"] = {e["label"]: {"recipe": e["recipe"], "direct_file_difference": {}}
                                         for e in extras}
-        for e in extras:
-            added[e["label"]]["direct_file_max_difference"][e["shard"]] = e["direct_file_max_difference"]
+        for e in extras:  # in 0..255 levels: the largest over the shard's pixels, and the mean
+            added[e["label"]]["direct_file_difference"][e["shard"]] = [e["direct_file_max_difference"],
+                                                                       round(e["direct_file_mean_difference"], 5)]
     result["seconds"] = round(time.time() - started, 1)
     emit_json(result, args.report)
     if args.markdown:
