@@ -20,7 +20,10 @@ Shards resume: a shard is ``<shards>/<subject>__<style>__seed<k>.npz`` (the imag
 written last; a started shard keeps its adapters and finished rows under ``<shards>/work`` until it is done.
 
     python bench/fidelity.py --shards runs/fidelity [--part 1/4] [--seeds 1] [--per-concept 4] [--steps 300]
+    python bench/fidelity.py --shards runs/fidelity --add LABEL --recipe lam=0,balance=relative [--part 1/2]
     python bench/fidelity.py --shards runs/fidelity --report FILE [--markdown F]
+
+``--add`` gives every finished shard the rows of another ZipQDoRA recipe (``run_extra``), beside its own.
 
 ``--report`` scores every finished shard with the judge (``zipq_mini.judge``; identification = the nearest
 reference centroid among the 6 test concepts of that kind, fidelity = mean cosine to the concept's 16 reference
