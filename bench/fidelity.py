@@ -100,17 +100,37 @@ def prompts(pair: int, seed: int, images: int) -> list[tuple[str, str]]:
     return out
 
 
-def merge(base, method: str, dirs: dict[str, Path], seed: int, args, out: Path) -> dict:
-    """Merge once (reused when done) → {"dir", "merge_seconds", "adapter_bytes"}."""
+def concept_adapters(base, subject, style, seed: int, work: Path, methods, **settings) -> dict[str, Path]:
+    """Both concepts' example sets (under work/examples) and an adapter per kind and method trained on its set with
+    `settings` over mini's defaults: {"subject_dora": folder, …}; finished ones are reused."""
+    sets = {"subject": concepts.write_example_set(subject, work / "examples" / "subject", seed),
+            "style": concepts.write_example_set(style, work / "examples" / "style", seed)}
+    return {f"{kind}_{m}": train_concept_adapter(base, kind, sets[kind], work / f"{kind}_{m}", method=m, seed=seed,
+                                                 **settings)
+            for kind in ("subject", "style") for m in methods}
+
+
+def merge(base, method: str, dirs: dict[str, Path], seed: int, args, out: Path, fields: dict | None = None) -> dict:
+    """Merge once (reused when done) → {"dir", "merge_seconds", "adapter_bytes"}. `method` also picks the adapters
+    (zip: the LoRAs, else the DoRAs); `fields` are MergeConfig fields over it (a recipe: lam=0, method="zip", …)."""
     record = out / "merge.json"
     if record.is_file():
         return json.loads(record.read_text())
     kind = "lora" if method == "zip" else "dora"
-    cfg = MergeConfig(method=method, steps=args.merge_steps, learning_rate=args.merge_lr, seed=seed)
+    cfg = MergeConfig(**{"method": method, "steps": args.merge_steps, "learning_rate": args.merge_lr, "seed": seed,
+                         **(fields or {})})
     last = list(merge_adapters(base, dirs[f"subject_{kind}"], dirs[f"style_{kind}"], cfg, out))[-1]
     info = {"dir": str(out), "merge_seconds": last.elapsed, "adapter_bytes": last.summary.get("adapter_bytes", 0)}
+    out.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(info))
     return info
+
+
+def save_row(path: Path, images: np.ndarray) -> None:
+    """Write a row's images so that it counts only once fully written (a temporary file, then renamed)."""
+    tmp = path.with_name(f"{path.stem}.tmp.npy")
+    np.save(tmp, images)
+    tmp.rename(path)
 
 
 def row_adapters(base, row: str, dirs: dict[str, Path], merged: dict[str, dict]) -> tuple[list, int, object]:
@@ -149,11 +169,8 @@ def run_shard(base, pair: int, seed: int, args, shards: Path) -> Path:
     rows_dir = work / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    sets = {"subject": concepts.write_example_set(subject, work / "examples" / "subject", seed),
-            "style": concepts.write_example_set(style, work / "examples" / "style", seed)}
-    dirs = {f"{kind}_{m}": train_concept_adapter(base, kind, sets[kind], work / f"{kind}_{m}", method=m,
-                                                     steps=args.steps, seed=seed, learning_rate=args.lr)
-            for kind in ("subject", "style") for m in ("dora", "lora")}
+    dirs = concept_adapters(base, subject, style, seed, work, ("dora", "lora"), steps=args.steps,
+                            learning_rate=args.lr)
     merged = {m: merge(base, m, dirs, seed, args, work / f"merged_{m}") for m in MERGES}
     groups = prompts(pair, seed, args.images)
     for row in ROWS:
@@ -161,8 +178,7 @@ def run_shard(base, pair: int, seed: int, args, shards: Path) -> Path:
         if path.is_file():
             continue
         adapters, candidates, schedule = row_adapters(base, row, dirs, merged)
-        np.save(rows_dir / f"{row}.tmp.npy", sample(base, groups, seed, args.images, adapters, candidates, schedule))
-        (rows_dir / f"{row}.tmp.npy").rename(path)  # a row counts once fully written
+        save_row(path, sample(base, groups, seed, args.images, adapters, candidates, schedule))
         print(f"{name}: {row} done at {time.time() - started:.0f} s", file=sys.stderr, flush=True)
     np.savez_compressed(shards / f"{name}.npz", **{row: np.load(rows_dir / f"{row}.npy") for row in ROWS})
     meta = {"subject": subject.name, "style": style.name, "pair": pair, "seed": seed, "rows": ROWS,
@@ -207,38 +223,24 @@ def run_extra(base, pair: int, seed: int, label: str, recipe: dict, shards: Path
     work = shards / "work" / extra_name(pair, seed, label)
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    sets = {"subject": concepts.write_example_set(subject, work / "examples" / "subject", seed),
-            "style": concepts.write_example_set(style, work / "examples" / "style", seed)}
-    dirs = {f"{kind}_dora": train_concept_adapter(base, kind, sets[kind], work / f"{kind}_dora", method="dora",
-                                                  steps=int(settings["steps"]), seed=seed,
-                                                  learning_rate=float(settings["lr"]))
-            for kind in ("subject", "style")}
-    merged = {}
-    for method, fields in (("direct", {}), (label, recipe)):
-        out = work / f"merged_{method}"
-        if not (out / "done").is_file():
-            cfg = MergeConfig(**{"method": "zipq", "steps": int(settings["merge_steps"]),
-                                 "learning_rate": float(settings["merge_lr"]), "seed": seed,
-                                 **({"method": "direct"} if method == "direct" else fields)})
-            list(merge_adapters(base, dirs["subject_dora"], dirs["style_dora"], cfg, out))
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "done").write_text("")
-        merged[method] = {"dir": str(out)}
+    dirs = concept_adapters(base, subject, style, seed, work, ("dora",), steps=int(settings["steps"]),
+                            learning_rate=float(settings["lr"]))
+    as_run = argparse.Namespace(merge_steps=int(settings["merge_steps"]), merge_lr=float(settings["merge_lr"]))
+    merged = {m: merge(base, "zipq", dirs, seed, as_run, work / f"merged_{m}", fields)
+              for m, fields in (("direct", {"method": "direct"}), (label, recipe))}
     groups = [(g["colour"], g["background"]) for g in meta["groups"]]
     rows = {}
     for row in ("direct_file", label, f"{label}_file"):
         path = work / f"{row}.npy"
         if not path.is_file():
             adapters, candidates, schedule = row_adapters(base, row, dirs, merged)
-            np.save(work / f"{row}.tmp.npy", sample(base, groups, seed, meta["images"], adapters, candidates))
-            (work / f"{row}.tmp.npy").rename(path)
+            save_row(path, sample(base, groups, seed, meta["images"], adapters, candidates))
         rows[row] = np.load(path)
-    stored = np.load(shards / f"{name}.npz")["direct_file"]
+    again = np.abs(rows["direct_file"].astype(int) - np.load(shards / f"{name}.npz")["direct_file"])
     np.savez_compressed(shards / f"{extra_name(pair, seed, label)}.npz",
                         **{r: rows[r] for r in (label, f"{label}_file")})
     extra = {"shard": name, "label": label, "recipe": recipe, "rows": [label, f"{label}_file"],
-             "direct_file_max_difference": int(np.abs(rows["direct_file"].astype(int) - stored).max()),
-             "direct_file_mean_difference": float(np.abs(rows["direct_file"].astype(int) - stored).mean()),
+             "direct_file_max_difference": int(again.max()), "direct_file_mean_difference": float(again.mean()),
              "seconds": round(time.time() - started, 1)}
     (shards / f"{extra_name(pair, seed, label)}.json").write_text(json.dumps(extra, indent=1))
     shutil.rmtree(work, ignore_errors=True)

@@ -26,14 +26,27 @@ import time
 from pathlib import Path
 
 import common  # noqa: F401  (first: puts the checkout on the import path)
-from common import concept_references, emit_json, load_mini_base, train_concept_adapter
+from common import concept_references, emit_json, load_mini_base
 
 import numpy as np
-from fidelity import FIDELITY, GROUP, METRICS, PROMPT, bootstrap, my_tasks, prompts, sample, score_images
+from fidelity import (
+    FIDELITY,
+    GROUP,
+    METRICS,
+    PROMPT,
+    bootstrap,
+    concept_adapters,
+    merge,
+    my_tasks,
+    prompts,
+    sample,
+    save_row,
+    score_images,
+)
 
 from zipq_core import load_adapter
 from zipq_core.config import FAMILY_DEFAULTS, MergeConfig, Sliders
-from zipq_core.merge import merge_adapters, slider_adapters
+from zipq_core.merge import slider_adapters
 from zipq_mini import concepts, judge
 
 # name → MergeConfig fields over the defaults the app uses (MergeConfig()).
@@ -64,28 +77,20 @@ def run_pair(base, pair: int, variants: list[str], args) -> None:
     work = args.work / pair_name(pair, args.per_concept)
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    sets = {"subject": concepts.write_example_set(subject, work / "examples" / "subject", SEED),
-            "style": concepts.write_example_set(style, work / "examples" / "style", SEED)}
-    dirs = {kind: train_concept_adapter(base, kind, sets[kind], work / f"{kind}_dora", method="dora",
-                                        steps=args.steps, seed=SEED) for kind in ("subject", "style")}
+    dirs = concept_adapters(base, subject, style, SEED, work, ("dora",), steps=args.steps)
     groups = prompts(pair, SEED, args.images)
     app = Sliders()
+    defaults = argparse.Namespace(merge_steps=MergeConfig.steps, merge_lr=MergeConfig.learning_rate)
     for variant in variants:
         if all((work / f"{variant}_{row}.npy").is_file() for row in ROWS):
             continue
         out = work / f"merged_{variant}"
-        record = out / "merge.json"
-        if not record.is_file():
-            cfg = MergeConfig(**{"seed": SEED, **VARIANTS[variant]})
-            last = list(merge_adapters(base, dirs["subject"], dirs["style"], cfg, out))[-1]
-            record.write_text(json.dumps({"merge_seconds": last.elapsed, "steps": last.step}))
+        merge(base, "zipq", dirs, SEED, defaults, out, VARIANTS[variant])  # the DoRAs, whatever the method
         specs = {"app": (slider_adapters(out, app.subject, app.style, app.subject_detail),
                          FAMILY_DEFAULTS["mini"].candidates),
                  "file": ([(load_adapter(out / "pytorch_lora_weights.safetensors"), 1.0)], 1)}
         for row, (adapters, candidates) in specs.items():
-            images = sample(base, groups, SEED, args.images, adapters, candidates)
-            np.save(work / f"{variant}_{row}.tmp.npy", images)
-            (work / f"{variant}_{row}.tmp.npy").rename(work / f"{variant}_{row}.npy")
+            save_row(work / f"{variant}_{row}.npy", sample(base, groups, SEED, args.images, adapters, candidates))
         print(f"{work.name}: {variant} done at {time.time() - started:.0f} s", file=sys.stderr, flush=True)
     meta = {"subject": subject.name, "style": style.name, "pair": pair, "seed": SEED, "images": args.images,
             "groups": [{"colour": c, "background": b, "prompt": PROMPT.format(colour=c, background=b)}

@@ -159,7 +159,8 @@ def test_another_recipes_rows_join_their_shard_in_the_report(fidelity, tmp_path,
     meta_path.write_text(json.dumps(meta))
     merged = []
     monkeypatch.setattr(fidelity, "train_concept_adapter", lambda base, kind, folder, out, **settings: out)
-    monkeypatch.setattr(fidelity, "merge_adapters", lambda base, s, t, cfg, out: merged.append(cfg) or [])
+    step = type("Step", (), {"elapsed": 0.0, "summary": {}})
+    monkeypatch.setattr(fidelity, "merge_adapters", lambda base, s, t, cfg, out: merged.append(cfg) or [step])
     monkeypatch.setattr(fidelity, "row_adapters", lambda base, row, dirs, m: (row, 1, None))
     rows = {"direct_file": np.stack(bad), "better": np.stack(good), "better_file": np.stack(bad)}
     monkeypatch.setattr(fidelity, "sample", lambda base, groups, seed, images, adapters, candidates: rows[adapters])
