@@ -46,7 +46,7 @@ from common import concept_references, emit_json, load_mini_base, mini_fingerpri
 
 import numpy as np
 
-from zipq_core import GenerateConfig, TrainConfig, generate, load_adapter
+from zipq_core import GenerateConfig, TrainConfig, ZipqError, generate, load_adapter
 from zipq_core.config import FAMILY_DEFAULTS, MergeConfig, Sliders
 from zipq_core.merge import merge_adapters, slider_adapters
 from zipq_mini import concepts, judge, world
@@ -405,6 +405,14 @@ def main() -> None:
     if args.add is not None and (args.add in ROWS or not args.add.isidentifier()):
         raise SystemExit(f"--add {args.add!r}: name the new rows with a word of letters, digits and _ that is not "
                          f"one of the shard's rows ({', '.join(ROWS)})")
+    if args.add is not None:
+        try:  # a recipe is checked before any shard trains: the core's own message for a bad field or value
+            MergeConfig(**parse_recipe(args.recipe))
+        except TypeError as error:
+            raise SystemExit(f"--recipe {args.recipe!r}: {error}; name MergeConfig fields, e.g. "
+                             "lam=0,balance=relative") from None
+        except ZipqError as error:
+            raise SystemExit(f"--recipe {args.recipe!r}: {error}") from None
     if args.report is None:
         run_shards(args)
         return
