@@ -343,6 +343,30 @@ def bootstrap(per_pair: list[np.ndarray], resamples: int = 2000, seed: int = 0) 
             "images": int(sum(len(v) for v in per_pair))}
 
 
+def sizing(per_pair: list[np.ndarray], target: float = 0.03) -> dict:
+    """What a paired difference's 95 % interval needs to be no wider than ± `target`.
+
+    Per-image values split into a between-pair variance (how much the pairs' own means differ beyond image noise)
+    and a within-pair one (one-way random effects, method of moments). The two-stage bootstrap above draws image
+    noise twice (once in each resampled pair's mean, once in the images redrawn within it), so its variance of the
+    mean is about between/P + 2·within/(n·P) for P pairs of n images: the projections use that, the estimator the
+    acceptance is read from. More images only shrink the second term: `floor` is the half-width with unlimited
+    images at these pairs; `images_per_pair` is None when that floor is above the target (more pairs needed), and
+    `pairs` is how many pairs reach it at the current images per pair.
+    """
+    n = float(np.mean([len(v) for v in per_pair]))
+    pairs = len(per_pair)
+    within = float(np.mean([np.var(v, ddof=1) for v in per_pair]))
+    between = max(0.0, float(np.var([np.mean(v) for v in per_pair], ddof=1)) - within / n)
+    z2 = (target / 1.96) ** 2
+    room = z2 - between / pairs
+    return {"between": round(between, 5), "within": round(within, 5), "pairs_now": pairs, "images_now": round(n, 1),
+            "half_width_now": round(1.96 * np.sqrt(between / pairs + 2 * within / (n * pairs)), 4),
+            "floor": round(1.96 * np.sqrt(between / pairs), 4),
+            "images_per_pair": int(np.ceil(2 * within / (pairs * room))) if room > 0 else None,
+            "pairs": int(np.ceil((between + 2 * within / n) / z2))}
+
+
 def report(scores: dict, resamples: int = 2000) -> dict:
     """Per-row means with intervals, and paired differences (same images' seeds and prompts) with intervals."""
     rows = sorted({row for pair in scores.values() for row in pair}, key=lambda r: ROWS.index(r) if r in ROWS else 99)
@@ -355,12 +379,14 @@ def report(scores: dict, resamples: int = 2000) -> dict:
         if keys:
             diffs[f"{a} - {b}"] = {m: bootstrap([scores[p][a][m] - scores[p][b][m] for p in keys], resamples)
                                    for m in METRICS}
+    sizes = {f"{a} - {b}": {m: sizing([scores[p][a][m] - scores[p][b][m] for p in scores]) for m in METRICS}
+             for a, b in COMPARISONS if all(a in scores[p] and b in scores[p] for p in scores) and len(scores) > 1}
     per_pair = {p: {"images": len(next(iter(rows.values()))["subject_fidelity"]),
                     **{f"{a} - {b}": {m: round(float(np.mean(rows[a][m] - rows[b][m])), 4) for m in FIDELITY}
                        for a, b in PER_PAIR + [c for c in extra if c[1].startswith("direct")]
                        if a in rows and b in rows}}
                 for p, rows in scores.items()}
-    return {"rows": table, "differences": diffs, "pairs": sorted(scores), "per_pair": per_pair}
+    return {"rows": table, "differences": diffs, "sizing": sizes, "pairs": sorted(scores), "per_pair": per_pair}
 
 
 def markdown(result: dict) -> str:
@@ -372,6 +398,12 @@ def markdown(result: dict) -> str:
     lines += ["", "| paired difference | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     lines += [f"| {name} | " + " | ".join(f"{v[m]['mean']:+.3f} [{v[m]['low']:+.3f}, {v[m]['high']:+.3f}]"
                                           for m in METRICS) + " |" for name, v in result["differences"].items()]
+    lines += ["", "What ± 0.03 needs (`sizing`: the bootstrap's variance split into between pairs and within a pair):",
+              "", "| paired difference | metric | half-width now | with unlimited images | images per pair "
+              "| pairs at these images |", "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {m} | {s['half_width_now']:.3f} | {s['floor']:.3f} | "
+              f"{s['images_per_pair'] if s['images_per_pair'] is not None else 'not enough'} | {s['pairs']} |"
+              for name, v in result.get("sizing", {}).items() for m, s in v.items()]
     compared = {name for v in result.get("per_pair", {}).values() for name in v if " - " in name}
     columns = [(name, m) for name in sorted(compared, key=lambda n: (n not in {f"{a} - {b}" for a, b in PER_PAIR}, n))
                for m in FIDELITY]

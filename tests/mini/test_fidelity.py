@@ -64,6 +64,23 @@ def test_bootstrap_intervals(fidelity):
     assert spread["low"] < spread["mean"] < spread["high"] and spread["half_width"] > 0.1  # pairs differ: wider
 
 
+def test_sizing_splits_the_bootstraps_variance_and_says_what_reaches_the_target(fidelity):
+    rng = np.random.default_rng(1)
+    pairs = [rng.normal(m, 0.5, 32) for m in rng.normal(0.0, 0.1, 24)]  # between 0.01, within 0.25
+    s = fidelity.sizing(pairs)
+    assert 0.004 < s["between"] < 0.025 and 0.2 < s["within"] < 0.3
+    boot = fidelity.bootstrap(pairs, resamples=1000)
+    assert abs(s["half_width_now"] - boot["half_width"]) < 0.15 * boot["half_width"]  # the bootstrap's own variance
+    assert s["floor"] > 0.03 and s["images_per_pair"] is None  # the pairs differ: more images cannot get there
+    grown = [rng.normal(m, 0.5, 32) for m in rng.normal(0.0, 0.1, s["pairs"])]
+    assert fidelity.bootstrap(grown, resamples=1000)["half_width"] <= 0.033  # more pairs can
+    flat = [rng.normal(0.0, 0.5, 32) for _ in range(24)]  # no pair effect: images alone get there
+    f = fidelity.sizing(flat)
+    assert f["images_per_pair"] is not None and f["images_per_pair"] > 32
+    more = [rng.normal(0.0, 0.5, f["images_per_pair"]) for _ in range(24)]
+    assert fidelity.bootstrap(more, resamples=1000)["half_width"] <= 0.033
+
+
 def _fake_shard(shards: Path, pair: int, good: list, bad: list, groups: list[tuple[str, str]]) -> None:
     subject, style = concepts.pairs("test")[pair]
     rows = {"zipq": good, "direct": bad, "zipq_file": good, "direct_file": good}
@@ -114,7 +131,9 @@ def test_report_scores_finished_shards_and_bootstraps_differences(fidelity, tmp_
     for v in result["per_pair"].values():  # the per-pair means behind the pooled difference
         assert v["images"] == 8 and v["zipq - direct"]["subject_fidelity"] > 0.2
         assert v["zipq_file - direct_file"]["style_fidelity"] == 0.0
+    assert set(result["sizing"]) == {"zipq - direct", "zipq_file - direct_file"}  # the comparisons these shards hold
     assert "| zipq - direct |" in fidelity.markdown(result) and "| images |" in fidelity.markdown(result)
+    assert "with unlimited images" in fidelity.markdown(result)
 
 
 def test_run_shards_resumes_past_finished_shards(fidelity, tmp_path, monkeypatch):
