@@ -57,6 +57,7 @@ VARIANTS: dict[str, dict] = {
     "zipq_lam0.1": {"lam": 0.1},
     "zip_dora": {"method": "zip"},  # ZipLoRA's column mergers on the DoRA directions, magnitudes kept
     "zipq_relative": {"balance": "relative"},  # each reconstruction term relative to its adapter's effect
+    "zipq_keep": {"keep_subject": 1.0},  # the subject's images under the combined prompt stay the subject
 }
 ROWS = ("app", "file")
 SEED = 0

@@ -392,11 +392,17 @@ class MergeConfig:
     balance: Literal["plain", "relative"] = field(default="plain", metadata=_help(
         "Reconstruction terms: plain (ZipLoRA's sum) or relative (each divided by how far its adapter moves the "
         "base's prediction, so a subtle subject counts as much as a strong style; two more UNet passes a step)."))
+    keep_subject: float = field(default=0.0, metadata=_help(
+        "Weight of a subject-keeping term: on the subject's images under the combined prompt (its caption, then "
+        "'in <style token> style'), the merged prediction should match the subject adapter's on its own caption "
+        "(one more UNet pass a step; 0: ZipLoRA's loss)."))
     gradient_checkpointing: bool = field(default=False, metadata=_help(
         "Recompute the UNet's activations in backward (default: the base family's; on for real bases)."))
 
     def __post_init__(self) -> None:
         _check(self.method != "klora", KLORA_HAS_NO_FILE)
+        _check(_is_number(self.keep_subject) and math.isfinite(self.keep_subject) and 0 <= self.keep_subject <= 10,
+               f"keep_subject must be a number from 0 to 10 (e.g. 0.5), not {self.keep_subject}.")
         _check(self.balance in ("plain", "relative"), f"balance must be 'plain' or 'relative', not {self.balance!r}.")
         _check(self.method in METHODS, f"merge method {self.method!r} is unknown: use one of {', '.join(METHODS)}.")
         _check(_is_int(self.steps) and 1 <= self.steps <= 1000,

@@ -129,7 +129,10 @@ def merge_seconds(base, cfg: MergeConfig, speed: Speed) -> float:
     if not cfg.learned:
         return SETUP_S
     size = base.default_size
-    per_step = 2 * cfg.batch_size * (1 + TRAIN_PASSES) * unet_flops(base, size, size)
+    forwards = 2 * (1 + TRAIN_PASSES)  # per concept: its teacher, then the merged model forward and backward
+    forwards += 2 if cfg.balance == "relative" else 0  # the base's own prediction on each concept's batch
+    forwards += TRAIN_PASSES if cfg.keep_subject else 0  # the subject's images under the combined prompt
+    per_step = cfg.batch_size * forwards * unet_flops(base, size, size)
     return SETUP_S + speed.seconds(cfg.steps * per_step)
 
 
@@ -289,7 +292,8 @@ def plan_memory(base, stage: str, *, train: TrainConfig | None = None, merge: Me
             moments += [("encoding images", float_unet + kept, both, _encode_activations(pipe.vae, size, images)),
                         ("merging", float_unet + kept, 2 * both,  # + the merged parts
                          _activations(pipe.unet, "merge", cfg_m.batch_size, size, size,
-                                      cfg_m.gradient_checkpointing, train or TrainConfig(), factor))]
+                                      cfg_m.gradient_checkpointing, train or TrainConfig(), factor,
+                                      graphs=3 if cfg_m.keep_subject else 2))]
         lower = "lower the merge batch or turn on gradient checkpointing"
     elif stage == "generate":
         cfg_g = generate or GenerateConfig()
@@ -486,12 +490,14 @@ def _unet_inputs(model, batch: int, height: int, width: int, dtype: torch.dtype,
 
 
 def _activations(unet: torch.nn.Module, stage: str, batch: int, height: int, width: int, checkpointing: bool,
-                 cfg: TrainConfig | None, factor: int = 8) -> float:
-    """Peak bytes of tensors alive during the stage's UNet passes, replayed on the meta device (cached)."""
+                 cfg: TrainConfig | None, factor: int = 8, graphs: int = 2) -> float:
+    """Peak bytes of tensors alive during the stage's UNet passes, replayed on the meta device (cached). `graphs`:
+    a merge step's merged passes held for one backward (the two concepts, and the combined prompt's)."""
     adapter = (cfg.rank, cfg.method, tuple(cfg.target_modules), tuple(cfg.block_prefixes)) if cfg else None
     key = (stage, _config_key(unet.config), str(_float_dtype(unet)), batch, height, width, checkpointing, adapter,
-           factor)
-    return _cached_peak(key, lambda: _unet_replay(unet, stage, batch, height, width, checkpointing, cfg, factor))
+           factor, graphs)
+    return _cached_peak(key, lambda: _unet_replay(unet, stage, batch, height, width, checkpointing, cfg, factor,
+                                                  graphs))
 
 
 def _cached_peak(key: tuple, replay: Callable[[], _LiveBytes]) -> float:
@@ -506,9 +512,9 @@ def _cached_peak(key: tuple, replay: Callable[[], _LiveBytes]) -> float:
 
 
 def _unet_replay(unet: torch.nn.Module, stage: str, batch: int, height: int, width: int, checkpointing: bool,
-                 cfg: TrainConfig | None, factor: int) -> _LiveBytes:
-    """The stage's UNet passes on a meta copy: a training step with the adapter attached, a merge step, or one
-    denoising forward."""
+                 cfg: TrainConfig | None, factor: int, graphs: int = 2) -> _LiveBytes:
+    """The stage's UNet passes on a meta copy: a training step with the adapter attached, a merge step (`graphs`
+    merged passes, then one backward), or one denoising forward."""
     model = _meta_unet(unet)
     dtype = _float_dtype(unet)
     x, t, text, added = _unet_inputs(model, batch, height, width, dtype, factor)
@@ -527,7 +533,7 @@ def _unet_replay(unet: torch.nn.Module, stage: str, batch: int, height: int, wid
             out = model(x, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
             out.float().square().mean().backward()
     elif stage == "merge":
-        live = _merge_replay(model, cfg, x, t, text, added)
+        live = _merge_replay(model, cfg, x, t, text, added, graphs)
     else:
         with _LiveBytes(_tensors(model)) as live, torch.no_grad():
             model(x, t, encoder_hidden_states=text, added_cond_kwargs=added)
@@ -538,8 +544,9 @@ def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     return [*module.parameters(), *module.buffers()]
 
 
-def _merge_replay(model, cfg: TrainConfig, x, t, text, added) -> _LiveBytes:
-    """A learned-merge step: both adapters' parts on live layers, mergers trainable, two concepts then backward."""
+def _merge_replay(model, cfg: TrainConfig, x, t, text, added, graphs: int = 2) -> _LiveBytes:
+    """A learned-merge step: both adapters' parts on live layers, mergers trainable, `graphs` merged passes (two
+    concepts, and the combined prompt's with keep_subject) then backward."""
     from types import SimpleNamespace
 
     from .adapters import LoraLayer
@@ -561,8 +568,8 @@ def _merge_replay(model, cfg: TrainConfig, x, t, text, added) -> _LiveBytes:
         with _LiveBytes([*_tensors(model), *factors]) as live:
             with torch.no_grad():  # the teachers' targets
                 targets = [model(x, t, encoder_hidden_states=text, added_cond_kwargs=added).sample for _ in range(2)]
-            preds = [model(x, t, encoder_hidden_states=text, added_cond_kwargs=added).sample for _ in range(2)]
-            sum((p.float() - q.float()).square().mean() for p, q in zip(preds, targets)).backward()
+            preds = [model(x, t, encoder_hidden_states=text, added_cond_kwargs=added).sample for _ in range(graphs)]
+            sum((p.float() - targets[0].float()).square().mean() for p in preds).backward()
     return live
 
 

@@ -104,6 +104,27 @@ def test_learned_merge_lowers_its_loss(adapters, tmp_path, similarity, balance):
     assert last.similarity < first.similarity  # the mergers moved apart
 
 
+def test_keep_subject_adds_the_combined_prompts_term_to_the_merges_loss(adapters, tmp_path):
+    """At step 1 the mergers are all 1 either way: the same reconstruction terms, so the total differs by exactly
+    the subject-keeping term (the subject's images under "<caption>, in <style token> style"), which is > 0."""
+    from zipq_core.merge.learned import combined_captions
+
+    base, made = adapters
+    style = load_adapter(made["style_dora"])
+    assert combined_captions(["a photo of a sks shape."], style) == [f"a photo of a sks shape, in "
+                                                                      f"{style.info['token']} style"]
+    first = {}
+    for keep in (0.0, 2.0):
+        cfg = MergeConfig(method="zipq", steps=1, keep_subject=keep)
+        first[keep] = next(r for r in merge_adapters(base, made["subject_dora"], made["style_dora"], cfg,
+                                                     tmp_path / f"m{keep}") if not r.done)
+    assert first[0.0].loss_subject == pytest.approx(first[2.0].loss_subject)
+    assert first[2.0].loss > first[0.0].loss + 1e-6
+    del style.info["token"]
+    with pytest.raises(ZipqError, match="style adapter's token"):
+        combined_captions(["a sks shape"], style)
+
+
 def test_relative_balance_weighs_each_term_by_how_far_its_adapter_moves_the_base(adapters):
     """The weights come from the base's own prediction (no part shown) on each concept's batch, average 1, and are
     inverse to each adapter's effect: a target 0.1 from the base weighs 9× one 0.3 from it."""
@@ -212,7 +233,7 @@ def test_blora_keeps_the_subject_in_its_content_blocks_and_the_style_in_its_styl
 
 @pytest.mark.parametrize("bad", [dict(method="sum"), dict(steps=0), dict(density=0), dict(subject_weight=2),
                                  dict(similarity="dot"), dict(balance="equal"), dict(blora_style=["up_blocks."]),
-                                 dict(blora_content=("",))])
+                                 dict(blora_content=("",)), dict(keep_subject=-1), dict(keep_subject=float("nan"))])
 def test_merge_config_errors(bad):
     with pytest.raises(ZipqError):
         MergeConfig(**bad)

@@ -68,12 +68,14 @@ def test_the_generation_plan_is_what_generation_allocates(mini, size, images, co
     assert_close(needs, run.peak_gb)
 
 
-def test_the_merge_plan_is_what_a_learned_merge_allocates(mini, subject_dir, style_dir, tmp_path, counting):
+@pytest.mark.parametrize("keep_subject", [0.0, 1.0])  # 1: a third merged pass held for the backward
+def test_the_merge_plan_is_what_a_learned_merge_allocates(mini, subject_dir, style_dir, tmp_path, counting,
+                                                          keep_subject):
     for kind, folder in (("subject", subject_dir), ("style", style_dir)):
         cfg = TrainConfig.for_family("mini", kind=kind, token="sks" if kind == "subject" else "zkz",
                                      class_noun="thing", steps=2)
         train_two_steps(mini, folder, cfg, tmp_path / kind)
-    cfg = MergeConfig.for_family("mini", method="zipq", steps=2)
+    cfg = MergeConfig.for_family("mini", method="zipq", steps=2, keep_subject=keep_subject)
     params = max(load_adapter(tmp_path / k).num_params() for k in ("subject", "style"))
     views = max(len(prepare_images(f, "x", DataConfig()).images) for f in (subject_dir, style_dir))
     needs = plan.plan_memory(mini, "merge", merge=cfg, adapter_params=params, images=views)

@@ -104,6 +104,15 @@ def _balance(kind: str, live: dict[str, LiveLayer], unet, noisy: list[torch.Tens
     return 2 * moved[1] / sum(moved), 2 * moved[0] / sum(moved)  # ∝ 1 / moved, averaging 1
 
 
+def combined_captions(captions: list[str], style: Adapter) -> list[str]:
+    """The subject's captions asking for the style: each caption, then "in <style token> style"."""
+    token = style.info.get("token")
+    if not token:
+        raise ZipqError("keep_subject needs the style adapter's token (its sidecar has none): set keep_subject to 0 "
+                        "or merge an adapter trained here.")
+    return [f"{caption.rstrip(' .')}, in {token} style" for caption in captions]
+
+
 def _concept_views(base: BaseModel, adapter_dir: Path | None, adapter: Adapter,
                    resolution: int) -> tuple[list, list[str]]:
     """An adapter's own training views (images, captions), or images it generates when it has none."""
@@ -154,6 +163,9 @@ def learned_merge(base: BaseModel, subject: Adapter, style: Adapter, dirs: tuple
     # fp16 activations underflow in backward without loss scaling (the mergers themselves are fp32).
     scaler = torch.amp.GradScaler(device.type, enabled=base.dtype == torch.float16)
     views = [_concept_views(base, d, a, resolution) for d, a in zip(dirs, (subject, style))]
+    combined = None
+    if cfg.keep_subject:  # encoded before _concept_data sends the text encoders off the device
+        combined = encode_captions(base, combined_captions(views[0][1], style), resolution)
     data_c, data_s = _concept_data(base, views, resolution)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
@@ -168,10 +180,11 @@ def learned_merge(base: BaseModel, subject: Adapter, style: Adapter, dirs: tuple
                 if cancel is not None and cancel.is_set():
                     yield MergeStep(step - 1, cfg.steps, cancelled=True, elapsed=time.time() - started)
                     return
-                batch = []
+                batch, picked = [], []
                 for moments, cond in (data_c, data_s):
                     index = torch.randint(0, moments.shape[0], (cfg.batch_size,), generator=generator)
                     batch.append((sample_latents(moments[index], base, generator), cond.select(index.to(device))))
+                    picked.append(index.to(device))
                 noise = torch.randn(batch[0][0].shape, generator=generator).to(device)  # same ε for both
                 t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=generator)
                 t = t.to(device)  # and the same timesteps
@@ -188,6 +201,9 @@ def learned_merge(base: BaseModel, subject: Adapter, style: Adapter, dirs: tuple
                 loss_c, loss_s = F.mse_loss(pred_c, target_c), F.mse_loss(pred_s, target_s)
                 similarity = _similarity(mergers, cfg.similarity)
                 loss = weights[0] * loss_c + weights[1] * loss_s + cfg.lam * similarity
+                if combined is not None:  # the subject's images, asked for in the style: still the subject
+                    pred_k = unet_forward(unet, noisy[0], t, combined.select(picked[0])).float()
+                    loss = loss + cfg.keep_subject * F.mse_loss(pred_k, target_c)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
