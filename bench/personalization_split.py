@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 from common import concept_references, emit_json, load_mini_base, train_concept_adapter
@@ -186,18 +187,108 @@ def vae_sweep(base, j: judge.Judge, args) -> dict:
             for kind, bands_ in out.items()}
 
 
-def train_one(base, c, kind: str, recipe: dict, args, work: Path) -> Path:
-    """One DoRA on the concept's example set, mini's family defaults then the recipe's overrides; reused when
-    ``work`` already holds it (``--adapters``: generation-only variants skip training)."""
-    out = work / "adapter"
-    if (work / "done").is_file():
+def token_vectors(base, token: str) -> list[tuple[torch.nn.Embedding, list[int]]]:
+    """Each text encoder's token-embedding table with the ids the token's word is split into (BPE pieces)."""
+    pipe = base.pipe
+    pairs = [(pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)]
+    return [(enc.get_input_embeddings(), tok(token, add_special_tokens=False).input_ids)
+            for tok, enc in pairs if enc is not None]
+
+
+@contextmanager
+def token_embedding(base, token: str, learned: list[torch.Tensor] | None):
+    """The token's pieces carry the `learned` vectors (one [pieces, D] per text encoder) inside the block; the
+    tables are put back as they were after it. None: nothing changes."""
+    tables = token_vectors(base, token)
+    saved = [table.weight.data[ids].clone() for table, ids in tables]
+    try:
+        if learned is not None:
+            for (table, ids), vectors in zip(tables, learned):
+                table.weight.data[ids] = vectors.to(table.weight.dtype)
+        yield
+    finally:
+        for (table, ids), old in zip(tables, saved):
+            table.weight.data[ids] = old
+
+
+def learn_token(base, kind: str, folder: Path, steps: int, lr: float, seed: int) -> list[torch.Tensor]:
+    """Textual inversion of the concept's token on its example set (the first stage of two-stage pivotal tuning):
+    only the rows of the token's BPE pieces in both text encoders move, the UNet has no adapter; the DreamBooth
+    loss of the training loop (same captions, mirrors, timestep draw). Returns the learned rows per encoder."""
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+
+    from zipq_core import TrainConfig
+    from zipq_core.data import DataConfig, prepare_images
+    from zipq_core.encode import Conditioning, diffusion_target, encode_images, sample_latents, unet_forward
+    from zipq_core.train.loop import sample_timesteps
+
+    token = concepts.SUBJECT_TOKEN if kind == "subject" else concepts.STYLE_TOKEN
+    noun = "shape" if kind == "subject" else "picture"
+    cfg = TrainConfig.for_family("mini", kind=kind, token=token, class_noun=noun)
+    data = prepare_images(folder, cfg.instance_prompt, DataConfig(), token=token)
+    views = [t.image for t in data.images]
+    captions = [t.caption for t in data.images] * 2  # the mirrors after the images, as the training loop
+    moments = torch.cat([encode_images(base, views), encode_images(base, views, flip=True)])
+    tables = token_vectors(base, token)
+    rows = [table.weight.data[ids].clone().requires_grad_(True) for table, ids in tables]
+    optimizer = torch.optim.AdamW(rows, lr=lr, weight_decay=0.0)
+    scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
+    generator = torch.Generator().manual_seed(seed)
+    hooks = [table.register_forward_hook(_splice(ids, row)) for (table, ids), row in zip(tables, rows)]
+    try:
+        for _ in range(steps):
+            index = torch.randint(0, len(captions), (cfg.batch_size,), generator=generator)
+            latents = sample_latents(moments[index], base, generator)
+            hidden, _, pooled, _ = base.pipe.encode_prompt(prompt=[captions[i] for i in index], device=base.device,
+                                                           num_images_per_prompt=1, do_classifier_free_guidance=False)
+            size = [cfg.resolution, cfg.resolution]
+            time_ids = torch.tensor([size + [0, 0] + size] * len(index), dtype=hidden.dtype)
+            noise = torch.randn(latents.shape, generator=generator)
+            t = sample_timesteps(scheduler.config.num_train_timesteps, len(index), cfg.noise_bias, generator)
+            pred = unet_forward(base.unet, scheduler.add_noise(latents, noise, t), t,
+                                Conditioning(hidden, pooled, time_ids))
+            loss = F.mse_loss(pred, diffusion_target(scheduler, latents, noise, t))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [row.detach().clone() for row in rows]
+
+
+def _splice(ids: list[int], row: torch.Tensor):
+    """A forward hook on an embedding table: the outputs of the token's piece ids become `row`'s (with gradient)."""
+    def hook(module, inputs, output):
+        (input_ids,) = inputs
+        out = output.clone()
+        for piece, vector in zip(ids, row):
+            out[input_ids == piece] = vector.to(out.dtype)
         return out
+    return hook
+
+
+def train_one(base, c, kind: str, recipe: dict, args, work: Path) -> tuple[Path, list[torch.Tensor] | None]:
+    """One DoRA on the concept's example set, mini's family defaults then the recipe's overrides, after
+    ``--ti-steps`` of textual inversion of its token when asked (the DoRA then trains on the learned token);
+    reused when ``work`` already holds it (``--adapters``: generation-only variants skip training)."""
+    out, vectors_file = work / "adapter", work / "token.pt"
+    if (work / "done").is_file():
+        return out, torch.load(vectors_file) if vectors_file.is_file() else None
     folder = concepts.write_example_set(c, work / "examples", args.seed)
     if args.captions == "plain":
         for txt in folder.glob("*.txt"):
             txt.unlink()
-    return train_concept_adapter(base, kind, folder, out, marker=work / "done",
-                                 **{"method": "dora", "seed": args.seed, **recipe})
+    learned = None
+    if args.ti_steps:
+        learned = learn_token(base, kind, folder, args.ti_steps, args.ti_lr, args.seed)
+        torch.save(learned, vectors_file)
+    token = concepts.SUBJECT_TOKEN if kind == "subject" else concepts.STYLE_TOKEN
+    with token_embedding(base, token, learned):
+        train_concept_adapter(base, kind, folder, out, marker=work / "done",
+                              **{"method": "dora", "seed": args.seed, **recipe})
+    return out, learned
 
 
 def recipe_run(base, j: judge.Judge, split_name: str, kinds: list[str], names: set[str], args, save) -> dict:
@@ -205,9 +296,12 @@ def recipe_run(base, j: judge.Judge, split_name: str, kinds: list[str], names: s
     recipe = parse_recipe(args.recipe)
     s = concepts.split(split_name)
     out: dict = {"recipe": args.recipe or "(mini family defaults)", "captions": args.captions,
+                 **({"ti_steps": args.ti_steps, "ti_lr": args.ti_lr} if args.ti_steps else {}),
                  "candidates": args.candidates, "split": split_name, "images": args.images,
                  "subject_prompt": args.subject_prompt, "style_prompt": args.style_prompt, "status": "partial"}
-    slug = "".join(ch if ch.isalnum() or ch in "=.-" else "_" for ch in f"{args.recipe}_{args.captions}_{args.seed}")
+    pivotal = f"_ti{args.ti_steps}_{args.ti_lr}" if args.ti_steps else ""
+    slug = "".join(ch if ch.isalnum() or ch in "=.-" else "_"
+                   for ch in f"{args.recipe}_{args.captions}_{args.seed}{pivotal}")
     with tempfile.TemporaryDirectory() as tmp:
         adapters = (args.adapters or Path(tmp)) / slug
         for kind in kinds:
@@ -217,9 +311,11 @@ def recipe_run(base, j: judge.Judge, split_name: str, kinds: list[str], names: s
                 if names and c.name not in names:
                     continue
                 started = time.time()
-                adapter = train_one(base, c, kind, recipe, args, adapters / c.name)
+                adapter, learned = train_one(base, c, kind, recipe, args, adapters / c.name)
                 trained = time.time() - started
-                images = sample(base, c, [(load_adapter(adapter), args.strength)], args)
+                token = concepts.SUBJECT_TOKEN if kind == "subject" else concepts.STYLE_TOKEN
+                with token_embedding(base, token, learned):
+                    images = sample(base, c, [(load_adapter(adapter), args.strength)], args)
                 rows[c.name] = {**score(j, images, c, kind, refs), "kind": getattr(c, "kind", ""),
                                 "train_s": round(trained, 1), "total_s": round(time.time() - started, 1)}
                 print(f"{c.name}: {rows[c.name]}", file=sys.stderr, flush=True)
@@ -245,6 +341,9 @@ def main() -> None:
     parser.add_argument("--recipe", default="", help="TrainConfig overrides: steps=600,learning_rate=1e-3,rank=16,"
                                                      "timestep_bias=uniform,target_blocks=all,targets=to_q/to_k")
     parser.add_argument("--captions", choices=["sidecar", "plain"], default="sidecar")
+    parser.add_argument("--ti-steps", type=int, default=0, help="textual inversion of the token before the DoRA "
+                                                                 "(two-stage pivotal tuning); 0: none")
+    parser.add_argument("--ti-lr", type=float, default=5e-3)
     parser.add_argument("--candidates", type=int, default=1)
     parser.add_argument("--strength", type=float, default=1.0)
     parser.add_argument("--images", type=int, default=8)
