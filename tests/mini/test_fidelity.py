@@ -238,3 +238,16 @@ def test_a_shards_folder_holds_one_minis_shards(fidelity, tmp_path):
     (old / f"{fidelity_name(0)}.json").write_text("{}")
     with pytest.raises(SystemExit, match="unrecorded mini"):
         fidelity.check_mini(old, "aaaa")
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--add", "direct"], "not one of the shard's rows"),
+    (["--add", "keep", "--recipe", "balanse=relative"], "balanse"),
+    (["--add", "keep", "--recipe", "balance=equal"], "balance must be 'plain' or 'relative'"),
+    (["--add", "keep", "--recipe", "keep_subject=-1"], "keep_subject must be"),
+])
+def test_a_bad_add_or_recipe_stops_before_any_shard_trains(fidelity, tmp_path, monkeypatch, argv, says):
+    monkeypatch.setattr(fidelity, "run_shards", lambda args: pytest.fail("a shard ran"))
+    monkeypatch.setattr("sys.argv", ["fidelity.py", "--shards", str(tmp_path), *argv])
+    with pytest.raises(SystemExit, match=says):
+        fidelity.main()
