@@ -58,6 +58,7 @@ VARIANTS: dict[str, dict] = {
     "zip_dora": {"method": "zip"},  # ZipLoRA's column mergers on the DoRA directions, magnitudes kept
     "zipq_relative": {"balance": "relative"},  # each reconstruction term relative to its adapter's effect
     "zipq_keep": {"keep_subject": 1.0},  # the subject's images under the combined prompt stay the subject
+    "zipq_keep3": {"keep_subject": 3.0},
 }
 ROWS = ("app", "file")
 SEED = 0
