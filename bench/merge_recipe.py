@@ -59,6 +59,7 @@ VARIANTS: dict[str, dict] = {
     "zipq_relative": {"balance": "relative"},  # each reconstruction term relative to its adapter's effect
     "zipq_keep": {"keep_subject": 1.0},  # the subject's images under the combined prompt stay the subject
     "zipq_keep3": {"keep_subject": 3.0},
+    "zipq_keep10": {"keep_subject": 10.0},
 }
 ROWS = ("app", "file")
 SEED = 0
