@@ -314,6 +314,7 @@ def load_scores(shards: Path, j: judge.Judge, evaluator) -> dict[str, dict[str, 
             data = np.load(path.with_suffix(".npz"))
             for row in rows:
                 s = score_images(data[row], meta["subject"], meta["style"], meta["groups"], j, refs, evaluator)
+                s["seed"] = np.full(len(data[row]), meta["seed"])  # which of the pair's seeds each image is from
                 dest = out.setdefault(key, {}).setdefault(row, {})
                 for m, v in s.items():
                     dest[m] = np.concatenate([dest[m], v]) if m in dest else v
@@ -327,6 +328,13 @@ def extra_comparisons(rows: set[str]) -> list[tuple[str, str]]:
     return [pair for label in labels for pair in
             [(label, "direct"), (label, "klora"), (label, "zipq"), (label, "subject_only"), (label, "style_only"),
              (f"{label}_file", "direct_file"), (f"{label}_file", "zipq_file")]]
+
+
+def paired(a: dict[str, np.ndarray], b: dict[str, np.ndarray], metric: str) -> np.ndarray:
+    """Row a − row b image for image, over the seeds both have: another recipe's rows (``--add``) may cover fewer of a
+    pair's seeds than the shard's own rows. Within a seed both rows hold the same prompts and seeds in order."""
+    shared = np.intersect1d(a["seed"], b["seed"])
+    return a[metric][np.isin(a["seed"], shared)] - b[metric][np.isin(b["seed"], shared)]
 
 
 def bootstrap(per_pair: list[np.ndarray], resamples: int = 2000, seed: int = 0) -> dict:
@@ -377,12 +385,12 @@ def report(scores: dict, resamples: int = 2000) -> dict:
     for a, b in COMPARISONS + extra:
         keys = [p for p in scores if a in scores[p] and b in scores[p]]
         if keys:
-            diffs[f"{a} - {b}"] = {m: bootstrap([scores[p][a][m] - scores[p][b][m] for p in keys], resamples)
+            diffs[f"{a} - {b}"] = {m: bootstrap([paired(scores[p][a], scores[p][b], m) for p in keys], resamples)
                                    for m in METRICS}
-    sizes = {f"{a} - {b}": {m: sizing([scores[p][a][m] - scores[p][b][m] for p in scores]) for m in METRICS}
+    sizes = {f"{a} - {b}": {m: sizing([paired(scores[p][a], scores[p][b], m) for p in scores]) for m in METRICS}
              for a, b in COMPARISONS if all(a in scores[p] and b in scores[p] for p in scores) and len(scores) > 1}
     per_pair = {p: {"images": len(next(iter(rows.values()))["subject_fidelity"]),
-                    **{f"{a} - {b}": {m: round(float(np.mean(rows[a][m] - rows[b][m])), 4) for m in FIDELITY}
+                    **{f"{a} - {b}": {m: round(float(np.mean(paired(rows[a], rows[b], m))), 4) for m in FIDELITY}
                        for a, b in PER_PAIR + [c for c in extra if c[1].startswith("direct")]
                        if a in rows and b in rows}}
                 for p, rows in scores.items()}

@@ -117,6 +117,7 @@ def test_report_scores_finished_shards_and_bootstraps_differences(fidelity, tmp_
     (tmp_path / "report.json").write_text("{}")  # nor a report written beside the shards
     scores = fidelity.load_scores(tmp_path, load_judge(), load_evaluator())
     assert len(scores) == 2 and all(len(s["zipq"]["subject_id"]) == 8 for s in scores.values())
+    assert all((s["zipq"]["seed"] == 0).all() for s in scores.values())
     result = fidelity.report(scores, resamples=200)
     rows = result["rows"]
     assert rows["zipq"]["subject_id"]["mean"] >= 0.9 and rows["zipq"]["style_id"]["mean"] >= 0.75
@@ -134,6 +135,26 @@ def test_report_scores_finished_shards_and_bootstraps_differences(fidelity, tmp_
     assert set(result["sizing"]) == {"zipq - direct", "zipq_file - direct_file"}  # the comparisons these shards hold
     assert "| zipq - direct |" in fidelity.markdown(result) and "| images |" in fidelity.markdown(result)
     assert "with unlimited images" in fidelity.markdown(result)
+
+
+def test_a_row_on_fewer_seeds_is_compared_on_the_seeds_it_has(fidelity):
+    """--add without --seeds 2 leaves another recipe's rows on seed 0 only while the shard's rows have two seeds: the
+    report pairs them on seed 0 (not a shape error, not a wrong pairing)."""
+    two = np.repeat([0, 1], 4)
+
+    def row(values, seeds):
+        values = np.asarray(values, dtype=np.float64)
+        return {**{m: values for m in fidelity.METRICS}, "seed": seeds}
+
+    scores = {f"pair {k}": {"zipq": row([k + 0.5] * 4 + [k + 0.9] * 4, two),
+                            "direct": row([k + 0.25] * 4 + [k + 0.0] * 4, two),
+                            "other": row([k + 0.75] * 4, np.zeros(4, int))} for k in range(2)}
+    result = fidelity.report(scores, resamples=50)
+    other = result["differences"]["other - direct"]["subject_fidelity"]
+    assert other["mean"] == pytest.approx(0.5) and other["images"] == 8  # seed 0 only: 0.75 − 0.25
+    both = result["differences"]["zipq - direct"]["subject_fidelity"]
+    assert both["mean"] == pytest.approx(0.575) and both["images"] == 16  # (0.25 · 4 + 0.9 · 4) / 8
+    assert result["per_pair"]["pair 0"]["other - direct"]["subject_fidelity"] == pytest.approx(0.5)
 
 
 def test_run_shards_resumes_past_finished_shards(fidelity, tmp_path, monkeypatch):
