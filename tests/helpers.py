@@ -1,5 +1,5 @@
 """What several test files share: adapters and UNet outputs to compare, bad and unusual image files, a client that
-waits for jobs.
+waits for jobs, benchmarks imported as they run.
 
 The image writers build everything on the fly with Pillow, small and fast; the "huge" images are tiny PNGs whose
 header claims a huge size, which is exactly what a decompression bomb looks like.
@@ -7,17 +7,31 @@ header claims a huge size, which is exactly what a decompression bomb looks like
 
 from __future__ import annotations
 
+import importlib
 import io
 import socket
 import struct
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
+import pytest
 import torch
 from PIL import Image
 
 from zipq_core.adapters import Adapter, LoraLayer, row_norm
 from zipq_core.encode import Conditioning, unet_forward
+
+
+@contextmanager
+def bench_module(name: str) -> Iterator[ModuleType]:
+    """A benchmark of bench/ imported as when it runs: its folder first on the import path (it imports its sibling
+    `common`), taken off again afterwards."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+        yield importlib.import_module(name)
 
 
 def png_with_header_size(path: Path, width: int, height: int) -> Path:

@@ -1,7 +1,6 @@
 """bench/fidelity.py on tiny settings: shards partition and resume, prompts parse back, the report scores and
 bootstraps finished shards (a full shard trains and generates for minutes: the benchmark runs that, not CI)."""
 
-import importlib
 import json
 from pathlib import Path
 
@@ -10,14 +9,13 @@ import pytest
 
 from zipq_mini import concepts, world
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import bench_module
 
 
 @pytest.fixture(scope="module")
 def fidelity():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(ROOT / "bench"))  # the benchmark imports its sibling `common`, as when run
-        yield importlib.import_module("fidelity")
+    with bench_module("fidelity") as module:
+        yield module
 
 
 def test_parts_partition_the_shards(fidelity):

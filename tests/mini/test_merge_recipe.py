@@ -1,8 +1,6 @@
 """bench/merge_recipe.py on tiny settings: every variant is a valid merge, the pairs are the tuning split's, and the
 report's differences are paired against the direct merge's same row."""
 
-import importlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,14 +8,13 @@ import pytest
 from zipq_core.config import MergeConfig
 from zipq_mini import concepts
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import bench_module
 
 
 @pytest.fixture(scope="module")
 def recipe():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(ROOT / "bench"))
-        yield importlib.import_module("merge_recipe")
+    with bench_module("merge_recipe") as module:
+        yield module
 
 
 def test_variants_are_merges_and_pairs_come_from_the_tuning_split(recipe):

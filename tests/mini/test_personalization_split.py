@@ -1,22 +1,19 @@
 """bench/personalization_split.py's textual-inversion stage (two-stage pivotal tuning) on mini: only the token's
 rows learn, they reach the prompt's conditioning, and the shared base's tables come back exactly."""
 
-import importlib
-from pathlib import Path
 
 import pytest
 import torch
 
 from zipq_mini import concepts
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import bench_module
 
 
 @pytest.fixture(scope="module")
 def split_bench():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(ROOT / "bench"))
-        yield importlib.import_module("personalization_split")
+    with bench_module("personalization_split") as module:
+        yield module
 
 
 def test_textual_inversion_moves_only_the_tokens_rows_and_puts_the_tables_back(split_bench, mini, tmp_path):
