@@ -569,7 +569,9 @@ def _merge_replay(model, cfg: TrainConfig, x, t, text, added, graphs: int = 2) -
             with torch.no_grad():  # the teachers' targets
                 targets = [model(x, t, encoder_hidden_states=text, added_cond_kwargs=added).sample for _ in range(2)]
             preds = [model(x, t, encoder_hidden_states=text, added_cond_kwargs=added).sample for _ in range(graphs)]
-            sum((p.float() - targets[0].float()).square().mean() for p in preds).backward()
+            # subject, style, then (keep_subject) the combined prompt, which is held to the subject's target
+            sum((p.float() - q.float()).square().mean()
+                for p, q in zip(preds, [targets[0], targets[1], targets[0]])).backward()
     return live
 
 
