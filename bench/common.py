@@ -24,21 +24,40 @@ def emit_json(result: dict, out: Path | None) -> None:
         out.write_text(text)
 
 
+def concept_token(kind: str) -> str:
+    """The word that names a zipq_mini.concepts concept of this kind ("subject" or "style") in its captions."""
+    from zipq_mini import concepts
+
+    return concepts.SUBJECT_TOKEN if kind == "subject" else concepts.STYLE_TOKEN
+
+
+def concept_config(kind: str, **settings):
+    """The TrainConfig of a concept of this kind: mini's family defaults with its token and class noun, then
+    `settings`."""
+    from zipq_core import TrainConfig
+
+    noun = "shape" if kind == "subject" else "picture"
+    return TrainConfig.for_family("mini", kind=kind, token=concept_token(kind), class_noun=noun, **settings)
+
+
+def concept_images(folder: Path, cfg):
+    """A concept's example set as training reads it: its images with the captions of the set's sidecar files."""
+    from zipq_core.data import DataConfig, prepare_images
+
+    return prepare_images(folder, cfg.instance_prompt, DataConfig(), token=cfg.token)
+
+
 def train_concept_adapter(base, kind: str, folder: Path, out: Path, marker: Path | None = None, **settings) -> Path:
     """An adapter trained on a concept's example set (zipq_mini.concepts: its tokens and class nouns, captions from
     the set's sidecar files), with mini's family defaults then `settings`; a finished one (`marker`, by default
     out/done) is reused, so an interrupted benchmark resumes."""
-    from zipq_core import TrainConfig, train_adapter
-    from zipq_core.data import DataConfig, prepare_images
-    from zipq_mini import concepts
+    from zipq_core import train_adapter
 
     marker = marker or out / "done"
     if marker.is_file():
         return out
-    token = concepts.SUBJECT_TOKEN if kind == "subject" else concepts.STYLE_TOKEN
-    noun = "shape" if kind == "subject" else "picture"
-    cfg = TrainConfig.for_family("mini", kind=kind, token=token, class_noun=noun, **settings)
-    images = prepare_images(folder, cfg.instance_prompt, DataConfig(), token=token)
+    cfg = concept_config(kind, **settings)
+    images = concept_images(folder, cfg)
     shutil.rmtree(out, ignore_errors=True)
     for _ in train_adapter(base, images, cfg, out):
         pass

@@ -41,7 +41,15 @@ import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
-from common import concept_references, emit_json, load_mini_base, train_concept_adapter
+from common import (
+    concept_config,
+    concept_images,
+    concept_references,
+    concept_token,
+    emit_json,
+    load_mini_base,
+    train_concept_adapter,
+)
 
 import numpy as np
 import torch
@@ -218,19 +226,16 @@ def learn_token(base, kind: str, folder: Path, steps: int, lr: float, seed: int)
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
-    from zipq_core import TrainConfig
-    from zipq_core.data import DataConfig, prepare_images
-    from zipq_core.encode import Conditioning, diffusion_target, encode_images, sample_latents, unet_forward
-    from zipq_core.train.loop import sample_timesteps
+    from zipq_core.encode import Conditioning, encode_images, encode_text, sample_latents
+    from zipq_core.train.loop import prediction
 
-    token = concepts.SUBJECT_TOKEN if kind == "subject" else concepts.STYLE_TOKEN
-    noun = "shape" if kind == "subject" else "picture"
-    cfg = TrainConfig.for_family("mini", kind=kind, token=token, class_noun=noun)
-    data = prepare_images(folder, cfg.instance_prompt, DataConfig(), token=token)
+    cfg = concept_config(kind)
+    data = concept_images(folder, cfg)
     views = [t.image for t in data.images]
     captions = [t.caption for t in data.images] * 2  # the mirrors after the images, as the training loop
     moments = torch.cat([encode_images(base, views), encode_images(base, views, flip=True)])
-    tables = token_vectors(base, token)
+    size_ids = encode_text(base, captions[:1], cfg.resolution).time_ids  # SDXL's size conditioning, one row
+    tables = token_vectors(base, cfg.token)
     rows = [table.weight.data[ids].clone().requires_grad_(True) for table, ids in tables]
     optimizer = torch.optim.AdamW(rows, lr=lr, weight_decay=0.0)
     scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
@@ -242,13 +247,8 @@ def learn_token(base, kind: str, folder: Path, steps: int, lr: float, seed: int)
             latents = sample_latents(moments[index], base, generator)
             hidden, _, pooled, _ = base.pipe.encode_prompt(prompt=[captions[i] for i in index], device=base.device,
                                                            num_images_per_prompt=1, do_classifier_free_guidance=False)
-            size = [cfg.resolution, cfg.resolution]
-            time_ids = torch.tensor([size + [0, 0] + size] * len(index), dtype=hidden.dtype)
-            noise = torch.randn(latents.shape, generator=generator)
-            t = sample_timesteps(scheduler.config.num_train_timesteps, len(index), cfg.noise_bias, generator)
-            pred = unet_forward(base.unet, scheduler.add_noise(latents, noise, t), t,
-                                Conditioning(hidden, pooled, time_ids))
-            loss = F.mse_loss(pred, diffusion_target(scheduler, latents, noise, t))
+            cond = Conditioning(hidden, pooled, size_ids.expand(len(index), -1))
+            loss = F.mse_loss(*prediction(base, base.unet, scheduler, latents, cond, cfg.noise_bias, generator))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -284,8 +284,7 @@ def train_one(base, c, kind: str, recipe: dict, args, work: Path) -> tuple[Path,
     if args.ti_steps:
         learned = learn_token(base, kind, folder, args.ti_steps, args.ti_lr, args.seed)
         torch.save(learned, vectors_file)
-    token = concepts.SUBJECT_TOKEN if kind == "subject" else concepts.STYLE_TOKEN
-    with token_embedding(base, token, learned):
+    with token_embedding(base, concept_token(kind), learned):
         train_concept_adapter(base, kind, folder, out, marker=work / "done",
                               **{"method": "dora", "seed": args.seed, **recipe})
     return out, learned
@@ -313,8 +312,7 @@ def recipe_run(base, j: judge.Judge, split_name: str, kinds: list[str], names: s
                 started = time.time()
                 adapter, learned = train_one(base, c, kind, recipe, args, adapters / c.name)
                 trained = time.time() - started
-                token = concepts.SUBJECT_TOKEN if kind == "subject" else concepts.STYLE_TOKEN
-                with token_embedding(base, token, learned):
+                with token_embedding(base, concept_token(kind), learned):
                     images = sample(base, c, [(load_adapter(adapter), args.strength)], args)
                 rows[c.name] = {**score(j, images, c, kind, refs), "kind": getattr(c, "kind", ""),
                                 "train_s": round(trained, 1), "total_s": round(time.time() - started, 1)}
