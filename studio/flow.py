@@ -409,13 +409,14 @@ class Studio:
 
     # ------------------------------------------------------------------------------------------- training
     def train_config(self, kind: str, s: Settings, form: TrainForm, base: BaseModel | None = None) -> TrainConfig:
-        d = family_defaults((base or self.base).family)
-        return TrainConfig(kind=kind, token=s.token(kind), class_noun=s.noun(kind), method=form.method,
-                           rank=form.rank, learning_rate=form.learning_rate, steps=form.steps,
-                           resolution=form.resolution, prior_preservation=form.prior and kind == "subject",
-                           quantize_base=form.quantize, sample_every=form.sample_every,
-                           checkpoint_every=max(10, form.steps // 4),
-                           gradient_checkpointing=d.gradient_checkpointing, aspect_buckets=d.aspect_buckets)
+        """The base family's recipe (targets, batch, checkpointing, …: what its benchmarks measured), with the
+        Train tab's fields over it."""
+        return TrainConfig.for_family((base or self.base).family, kind=kind, token=s.token(kind),
+                                      class_noun=s.noun(kind), method=form.method, rank=form.rank,
+                                      learning_rate=form.learning_rate, steps=form.steps, resolution=form.resolution,
+                                      prior_preservation=form.prior and kind == "subject",
+                                      quantize_base=form.quantize, sample_every=form.sample_every,
+                                      checkpoint_every=max(10, form.steps // 4))
 
     def submit_training(self, session: str, form: TrainForm) -> list[Job]:
         """Queue training of the subject, the style or both (one after the other); returns at once."""

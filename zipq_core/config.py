@@ -21,6 +21,7 @@ Method = Literal["lora", "dora"]
 QuantizeBase = Literal["none", "int8", "nf4"]
 TimestepBias = Literal["auto", "uniform", "low_noise", "high_noise"]
 TargetBlocks = Literal["auto", "all", "decoder"]
+LrSchedule = Literal["constant", "cosine"]
 # "klora" is a merge method with no merged file (its choice of adapter changes every step): it is in MergeMethod so
 # that `merge --method klora` reaches the refusal that names the generate command, and not in METHODS (the methods
 # that write a file).
@@ -146,6 +147,7 @@ class FamilyDefaults:
     merge_batch: int  # latents per concept per learned-merge step
     candidates: int  # candidates per image when generating from a merge (each costs a full generation)
     blora_split: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # B-LoRA (content, style) UNet blocks
+    lr_schedule: str = "constant"  # TrainConfig.lr_schedule
 
 
 # mini: the recipe its benchmarks measure (bench/personalization.py, bench/merge_quality.py). Real bases: the usual
@@ -244,6 +246,9 @@ class TrainConfig:
                                                          "the base model's native size)."))
     seed: int = field(default=0, metadata=_help("Seed for noise, timesteps and batches: same seed, same adapter."))
     warmup_steps: int = field(default=0, metadata=_help("Linear learning-rate warm-up steps."))
+    lr_schedule: LrSchedule = field(default="constant", metadata=_help(
+        "The learning rate after the warm-up: 'constant', or 'cosine' (halved at mid-run, near 0 at the last "
+        "step, so the adapter ends on a settled point rather than on one noisy step)."))
     target_blocks: TargetBlocks = field(default="auto", metadata=_help(
         "Which UNet blocks the target modules are taken from. 'auto': all of them for a subject, the decoder half "
         "(up_blocks) for a style; 'all'; 'decoder'. On mini a decoder-half style adapter textures unseen shapes "
@@ -290,6 +295,8 @@ class TrainConfig:
                f"resolution must be a multiple of 8 between 64 and 2048, not {self.resolution}.")
         _check(_is_int(self.warmup_steps) and 0 <= self.warmup_steps < self.steps,
                "warm-up steps must be fewer than the training steps.")
+        _check(self.lr_schedule in ("constant", "cosine"),
+               f"learning-rate schedule must be 'constant' or 'cosine', not {self.lr_schedule!r}.")
         _check(_is_number(self.prior_weight) and 0 <= self.prior_weight < math.inf, "prior weight must be ≥ 0.")
         _check(self.target_blocks in TARGET_BLOCKS,
                f"target blocks must be one of {', '.join(TARGET_BLOCKS)}, not {self.target_blocks!r}.")
@@ -314,7 +321,7 @@ class TrainConfig:
         d = family_defaults(family)
         base = {"learning_rate": d.learning_rate, "rank": d.rank, "target_modules": TARGET_PRESETS[d.targets],
                 "steps": d.steps, "batch_size": d.batch_size, "gradient_checkpointing": d.gradient_checkpointing,
-                "aspect_buckets": d.aspect_buckets}
+                "aspect_buckets": d.aspect_buckets, "lr_schedule": d.lr_schedule}
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     @property

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -40,8 +42,9 @@ def test_training_is_deterministic_and_changes_the_model(mini, subject_dir, tmp_
     assert a.info["kind"] == "subject" and len(a.info["loss_curve"]) == 4 and a.info["base"] == "mini"
 
 
-def test_resume_equals_uninterrupted(mini, subject_dir, tmp_path):
-    cfg = TrainConfig(class_noun="thing", steps=6, checkpoint_every=3, method="dora")
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_equals_uninterrupted(mini, subject_dir, tmp_path, schedule):
+    cfg = TrainConfig(class_noun="thing", steps=6, checkpoint_every=3, method="dora", lr_schedule=schedule)
     _run(mini, subject_dir, cfg, tmp_path / "full")
     # Stop after step 3 as a crash would (the generator is simply dropped), then resume.
     for record in train_adapter(mini, _images(subject_dir, cfg), cfg, tmp_path / "part"):
@@ -53,6 +56,18 @@ def test_resume_equals_uninterrupted(mini, subject_dir, tmp_path):
     full, resumed = load_adapter(tmp_path / "full"), load_adapter(tmp_path / "part")
     assert _same_adapters(full, resumed)
     assert full.info["loss_curve"] == resumed.info["loss_curve"]
+
+
+def test_cosine_schedule_decays_to_near_zero_after_the_warm_up(mini, subject_dir, tmp_path):
+    """The optimizer's rate per step: the warm-up's ramp, then a cosine from the full rate, halved halfway through
+    what is left, down to a small last step (not 0: the last step still trains)."""
+    cfg = TrainConfig(class_noun="thing", steps=10, warmup_steps=2, learning_rate=1e-3, lr_schedule="cosine")
+    rates = [r.lr for r in _run(mini, subject_dir, cfg, tmp_path / "c")[1:]]  # after the set-up record
+    expected = [1e-3 * min(1, (k + 1) / 2) * 0.5 * (1 + math.cos(math.pi * max(0, k - 2) / 8)) for k in range(10)]
+    assert rates == pytest.approx(expected, rel=1e-6)
+    assert rates[1] == pytest.approx(1e-3) and rates[6] == pytest.approx(5e-4) and 0 < rates[-1] < 1e-4
+    flat = [r.lr for r in _run(mini, subject_dir, replace(cfg, lr_schedule="constant"), tmp_path / "f")[1:]]
+    assert flat[2:] == pytest.approx([1e-3] * 8)
 
 
 def test_cancel_saves_checkpoint_and_adapter(mini, subject_dir, tmp_path):
@@ -113,7 +128,8 @@ def test_prior_preservation_generates_and_uses_class_images(mini, subject_dir, t
 
 @pytest.mark.parametrize("bad", [dict(rank=0), dict(steps=0), dict(token="two words"), dict(resolution=65),
                                  dict(method="loha"), dict(prior_preservation=True, class_noun=""),
-                                 dict(timestep_bias="early"), dict(target_blocks="middle")])
+                                 dict(timestep_bias="early"), dict(target_blocks="middle"),
+                                 dict(lr_schedule="linear"), dict(lr_schedule="cosine", warmup_steps=4, steps=4)])
 def test_config_errors_say_what_to_change(bad):
     with pytest.raises(ZipqError):
         TrainConfig(**bad)

@@ -15,7 +15,7 @@ from studio.flow import LOAD_KIND, GenerateForm, Studio, TrainForm
 from studio.handlers import Handlers
 from zipq_core import plan
 from zipq_core.adapters import Adapter, LoraLayer, save_adapter
-from zipq_core.config import family_defaults
+from zipq_core.config import TARGET_PRESETS, family_defaults
 from zipq_core.errors import ZipqError
 from zipq_core.jobs import JobRegistry
 
@@ -70,6 +70,11 @@ def test_a_session_per_base_with_the_family_defaults(two, tiny_sd1_dir):
     cfg_b = two.train_config("subject", two.paths(b).read_settings(), TrainForm(), two.base_for(b))
     assert cfg_a.gradient_checkpointing == mini.gradient_checkpointing
     assert cfg_b.gradient_checkpointing == sd1.gradient_checkpointing != mini.gradient_checkpointing
+    # The family's whole recipe, not only its checkpointing: what its memory and speed benchmarks measured.
+    for cfg, d in ((cfg_a, mini), (cfg_b, sd1)):
+        assert (cfg.target_modules, cfg.batch_size, cfg.aspect_buckets, cfg.lr_schedule) == \
+            (TARGET_PRESETS[d.targets], d.batch_size, d.aspect_buckets, d.lr_schedule)
+    assert cfg_b.target_modules != cfg_a.target_modules and cfg_b.batch_size != cfg_a.batch_size
     # The page's fields follow the choice: steps, rank, learning rate and sizes of the session's base family.
     h = Handlers(two)
     fields = h.choose_base(b, name)

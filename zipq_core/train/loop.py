@@ -167,8 +167,18 @@ def _remove_adapter(unet: torch.nn.Module) -> None:
     unet.requires_grad_(False).eval()
 
 
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """The learning rate's multiple at optimizer step `step` (from 0): a linear warm-up, then constant or a cosine
+    from 1 down toward 0 (its last step still moves: the factor reaches 0 one step after the run)."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.lr_schedule == "constant":
+        return warm
+    done = max(0, step - cfg.warmup_steps) / (cfg.steps - cfg.warmup_steps)
+    return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+
+
 def _lr_lambda(cfg: TrainConfig):
-    return lambda step: min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    return lambda step: lr_factor(cfg, step)
 
 
 def _sample(base: BaseModel, cfg: TrainConfig, step: int) -> Image.Image:
@@ -330,7 +340,7 @@ def train_adapter(base: BaseModel, images: ImageSet, cfg: TrainConfig, out_dir: 
                                              time.time() - started - elapsed, elapsed)
             unet.train()
             loop_start, first_step = time.time(), run.step
-            yield TrainStep(run.step, cfg.steps, lr=cfg.learning_rate,
+            yield TrainStep(run.step, cfg.steps, lr=run.lr(),
                             messages=[f"{len(images.images)} images, {len(images.rejected)} rejected"]
                             + [f"rejected {r.name}: {r.reason}" for r in images.rejected])
             while run.step < cfg.steps:
@@ -340,11 +350,12 @@ def train_adapter(base: BaseModel, images: ImageSet, cfg: TrainConfig, out_dir: 
                     yield TrainStep(run.step, cfg.steps, run.curve[-1] if run.curve else math.nan, elapsed, 0.0,
                                     lr=run.lr(), checkpoint=saved, cancelled=True, adapter_dir=finish(elapsed))
                     return
+                rate = run.lr()  # what this step trains with (the scheduler then moves on to the next step's)
                 _optimizer_step(run, lambda: _train_step(base, run.model, scheduler, data, prior, cfg, run.generator),
                                 cfg)
                 elapsed = time.time() - loop_start
                 record = TrainStep(run.step, cfg.steps, run.curve[-1], elapsed,
-                                   eta(elapsed, run.step - first_step, cfg.steps - first_step), lr=run.lr())
+                                   eta(elapsed, run.step - first_step, cfg.steps - first_step), lr=rate)
                 if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step < cfg.steps \
                         and run.is_main:
                     record.checkpoint = run.checkpoint(out_dir, cfg)
