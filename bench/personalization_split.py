@@ -56,6 +56,7 @@ import torch
 
 from zipq_core import GenerateConfig, generate, load_adapter
 from zipq_core.config import parse_targets
+from zipq_core.train.loop import lr_factor
 from zipq_mini import concepts, judge, world
 
 GROUPS = 2  # prompts per concept (a colour and background each)
@@ -219,43 +220,88 @@ def token_embedding(base, token: str, learned: list[torch.Tensor] | None):
             table.weight.data[ids] = old
 
 
-def learn_token(base, kind: str, folder: Path, steps: int, lr: float, seed: int) -> list[torch.Tensor]:
-    """Textual inversion of the concept's token on its example set (the first stage of two-stage pivotal tuning):
-    only the rows of the token's BPE pieces in both text encoders move, the UNet has no adapter; the DreamBooth
-    loss of the training loop (same captions, mirrors, timestep draw). Returns the learned rows per encoder."""
+def dreambooth_loss(base, kind: str, folder: Path, seed: int, **recipe):
+    """The training loop's DreamBooth loss on a concept's example set (its captions, mirrors, size conditioning,
+    timestep draw and the recipe's bias): each call draws a batch and returns its loss, with gradient."""
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
     from zipq_core.encode import Conditioning, encode_images, encode_text, sample_latents
     from zipq_core.train.loop import prediction
 
-    cfg = concept_config(kind)
+    cfg = concept_config(kind, **recipe)
     data = concept_images(folder, cfg)
     views = [t.image for t in data.images]
     captions = [t.caption for t in data.images] * 2  # the mirrors after the images, as the training loop
     moments = torch.cat([encode_images(base, views), encode_images(base, views, flip=True)])
     size_ids = encode_text(base, captions[:1], cfg.resolution).time_ids  # SDXL's size conditioning, one row
-    tables = token_vectors(base, cfg.token)
-    rows = [table.weight.data[ids].clone().requires_grad_(True) for table, ids in tables]
-    optimizer = torch.optim.AdamW(rows, lr=lr, weight_decay=0.0)
     scheduler = DDPMScheduler.from_config(base.pipe.scheduler.config)
     generator = torch.Generator().manual_seed(seed)
+
+    def loss() -> torch.Tensor:
+        index = torch.randint(0, len(captions), (cfg.batch_size,), generator=generator)
+        latents = sample_latents(moments[index], base, generator)
+        hidden, _, pooled, _ = base.pipe.encode_prompt(prompt=[captions[i] for i in index], device=base.device,
+                                                       num_images_per_prompt=1, do_classifier_free_guidance=False)
+        cond = Conditioning(hidden, pooled, size_ids.expand(len(index), -1))
+        return F.mse_loss(*prediction(base, base.unet, scheduler, latents, cond, cfg.noise_bias, generator))
+    return loss
+
+
+def learn_token(base, kind: str, folder: Path, steps: int, lr: float, seed: int) -> list[torch.Tensor]:
+    """Textual inversion of the concept's token on its example set (the first stage of two-stage pivotal tuning):
+    only the rows of the token's BPE pieces in both text encoders move, the UNet has no adapter; the DreamBooth
+    loss of the training loop (same captions, mirrors, timestep draw). Returns the learned rows per encoder."""
+    loss = dreambooth_loss(base, kind, folder, seed)
+    tables = token_vectors(base, concept_token(kind))
+    rows = [table.weight.data[ids].clone().requires_grad_(True) for table, ids in tables]
+    optimizer = torch.optim.AdamW(rows, lr=lr, weight_decay=0.0)
     hooks = [table.register_forward_hook(_splice(ids, row)) for (table, ids), row in zip(tables, rows)]
     try:
         for _ in range(steps):
-            index = torch.randint(0, len(captions), (cfg.batch_size,), generator=generator)
-            latents = sample_latents(moments[index], base, generator)
-            hidden, _, pooled, _ = base.pipe.encode_prompt(prompt=[captions[i] for i in index], device=base.device,
-                                                           num_images_per_prompt=1, do_classifier_free_guidance=False)
-            cond = Conditioning(hidden, pooled, size_ids.expand(len(index), -1))
-            loss = F.mse_loss(*prediction(base, base.unet, scheduler, latents, cond, cfg.noise_bias, generator))
             optimizer.zero_grad()
-            loss.backward()
+            loss().backward()
             optimizer.step()
     finally:
         for hook in hooks:
             hook.remove()
     return [row.detach().clone() for row in rows]
+
+
+@contextmanager
+def unet_weights(base, state: dict | None):
+    """The UNet carries `state` inside the block and its own weights again after it. None: nothing changes."""
+    saved = {k: v.clone() for k, v in base.unet.state_dict().items()} if state is not None else None
+    try:
+        if state is not None:
+            base.unet.load_state_dict(state)
+        yield
+    finally:
+        if saved is not None:
+            base.unet.load_state_dict(saved)
+
+
+def finetune_unet(base, kind: str, folder: Path, seed: int, **recipe) -> dict:
+    """Every weight of the UNet trained on the concept's example set, no adapter (``--whole-unet``): what an
+    adapter without a rank or target limit could reach with the same loss, batches, steps, learning rate (AdamW,
+    constant or cosine) and timestep bias. Returns the trained weights; the base's own are put back."""
+    cfg = concept_config(kind, **recipe)
+    loss = dreambooth_loss(base, kind, folder, seed, **recipe)
+    unet = base.unet
+    saved = {k: v.clone() for k, v in unet.state_dict().items()}
+    unet.requires_grad_(True).train()
+    try:
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
+        for _ in range(cfg.steps):
+            optimizer.zero_grad()
+            loss().backward()
+            optimizer.step()
+            schedule.step()
+        return {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    finally:
+        unet.requires_grad_(False).eval()
+        unet.load_state_dict(saved)
 
 
 def _splice(ids: list[int], row: torch.Tensor):
@@ -280,6 +326,11 @@ def train_one(base, c, kind: str, recipe: dict, args, work: Path) -> tuple[Path,
     if args.captions == "plain":
         for txt in folder.glob("*.txt"):
             txt.unlink()
+    if args.whole_unet:
+        out = work / "unet.pt"
+        torch.save(finetune_unet(base, kind, folder, args.seed, **recipe), out)
+        (work / "done").write_text("")
+        return out, None
     learned = None
     if args.ti_steps:
         learned = learn_token(base, kind, folder, args.ti_steps, args.ti_lr, args.seed)
@@ -296,9 +347,10 @@ def recipe_run(base, j: judge.Judge, split_name: str, kinds: list[str], names: s
     s = concepts.split(split_name)
     out: dict = {"recipe": args.recipe or "(mini family defaults)", "captions": args.captions,
                  **({"ti_steps": args.ti_steps, "ti_lr": args.ti_lr} if args.ti_steps else {}),
+                 **({"whole_unet": True} if args.whole_unet else {}),
                  "candidates": args.candidates, "split": split_name, "images": args.images,
                  "subject_prompt": args.subject_prompt, "style_prompt": args.style_prompt, "status": "partial"}
-    pivotal = f"_ti{args.ti_steps}_{args.ti_lr}" if args.ti_steps else ""
+    pivotal = f"_ti{args.ti_steps}_{args.ti_lr}" if args.ti_steps else "_whole" if args.whole_unet else ""
     slug = "".join(ch if ch.isalnum() or ch in "=.-" else "_"
                    for ch in f"{args.recipe}_{args.captions}_{args.seed}{pivotal}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -312,8 +364,12 @@ def recipe_run(base, j: judge.Judge, split_name: str, kinds: list[str], names: s
                 started = time.time()
                 adapter, learned = train_one(base, c, kind, recipe, args, adapters / c.name)
                 trained = time.time() - started
-                with token_embedding(base, concept_token(kind), learned):
-                    images = sample(base, c, [(load_adapter(adapter), args.strength)], args)
+                if args.whole_unet:  # the trained UNet itself, no adapter
+                    with unet_weights(base, torch.load(adapter)):
+                        images = sample(base, c, [], args)
+                else:
+                    with token_embedding(base, concept_token(kind), learned):
+                        images = sample(base, c, [(load_adapter(adapter), args.strength)], args)
                 rows[c.name] = {**score(j, images, c, kind, refs), "kind": getattr(c, "kind", ""),
                                 "train_s": round(trained, 1), "total_s": round(time.time() - started, 1)}
                 print(f"{c.name}: {rows[c.name]}", file=sys.stderr, flush=True)
@@ -342,6 +398,8 @@ def main() -> None:
     parser.add_argument("--ti-steps", type=int, default=0, help="textual inversion of the token before the DoRA "
                                                                  "(two-stage pivotal tuning); 0: none")
     parser.add_argument("--ti-lr", type=float, default=5e-3)
+    parser.add_argument("--whole-unet", action="store_true", help="a diagnostic: train every UNet weight (no "
+                        "adapter) with the recipe's steps, learning rate, schedule and timestep bias")
     parser.add_argument("--candidates", type=int, default=1)
     parser.add_argument("--strength", type=float, default=1.0)
     parser.add_argument("--images", type=int, default=8)
@@ -357,6 +415,9 @@ def main() -> None:
                                                                  "assets/mini)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.whole_unet and args.ti_steps:
+        parser.error("--whole-unet trains the UNet itself, with no adapter to pair an inverted token with: drop "
+                     "--ti-steps")
     args.label = args.label or f"{args.split}:{args.recipe or 'defaults'}:{args.captions}:k{args.candidates}"
     torch.set_grad_enabled(True)
     base, j = load_mini_base(args.mini), judge.load_judge()

@@ -37,3 +37,20 @@ def test_textual_inversion_moves_only_the_tokens_rows_and_puts_the_tables_back(s
     assert all(torch.equal(t.weight, old) for (t, _), old in
                zip(split_bench.token_vectors(mini, concepts.STYLE_TOKEN), tables))
     assert torch.equal(encode_text(mini, prompt, 64).hidden, before)
+
+
+def test_whole_unet_fine_tune_changes_every_block_and_puts_the_base_back(split_bench, mini, tmp_path):
+    """The capacity diagnostic (``--whole-unet``): the returned weights differ from the base's in the encoder, the
+    middle and the decoder; the shared UNet is the base again after training and after generating with them."""
+    subject = concepts.split("tuning").subjects[0]
+    folder = concepts.write_example_set(subject, tmp_path / "examples")
+    own = {k: v.clone() for k, v in mini.unet.state_dict().items()}
+    with torch.enable_grad():
+        trained = split_bench.finetune_unet(mini, "subject", folder, 0, steps=2, lr_schedule="cosine")
+    assert all(torch.equal(v, own[k]) for k, v in mini.unet.state_dict().items())
+    moved = {k.split(".")[0] for k, v in trained.items() if not torch.equal(v, own[k])}
+    assert {"down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out"} <= moved
+    with split_bench.unet_weights(mini, trained):
+        assert all(torch.equal(v, trained[k]) for k, v in mini.unet.state_dict().items())
+    assert all(torch.equal(v, own[k]) for k, v in mini.unet.state_dict().items())
+    assert not any(p.requires_grad for p in mini.unet.parameters()) and not mini.unet.training
