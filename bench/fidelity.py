@@ -170,7 +170,7 @@ def run_shard(base, pair: int, seed: int, args, shards: Path) -> Path:
     rows_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     dirs = concept_adapters(base, subject, style, seed, work, ("dora", "lora"), steps=args.steps,
-                            learning_rate=args.lr)
+                            learning_rate=args.lr, lr_schedule=args.lr_schedule)
     merged = {m: merge(base, m, dirs, seed, args, work / f"merged_{m}") for m in MERGES}
     groups = prompts(pair, seed, args.images)
     for row in ROWS:
@@ -224,7 +224,8 @@ def run_extra(base, pair: int, seed: int, label: str, recipe: dict, shards: Path
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     dirs = concept_adapters(base, subject, style, seed, work, ("dora",), steps=int(settings["steps"]),
-                            learning_rate=float(settings["lr"]))
+                            learning_rate=float(settings["lr"]),
+                            lr_schedule=settings.get("lr_schedule", "constant"))  # shards from before it: constant
     as_run = argparse.Namespace(merge_steps=int(settings["merge_steps"]), merge_lr=float(settings["merge_lr"]))
     merged = {m: merge(base, "zipq", dirs, seed, as_run, work / f"merged_{m}", fields)
               for m, fields in (("direct", {"method": "direct"}), (label, recipe))}
@@ -431,6 +432,9 @@ def main() -> None:
                         help="pairs per test concept (2: the first 12 pairs; 4: 24; 6: all 36)")
     parser.add_argument("--steps", type=int, default=300, help="training steps per adapter")
     parser.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                        help="the protocol's adapters: 300 steps at a constant rate (what the stored shards ran), "
+                             "whatever mini's defaults become")
     parser.add_argument("--merge-steps", type=int, default=100)
     parser.add_argument("--merge-lr", type=float, default=3e-3)
     parser.add_argument("--images", type=int, default=32, help="images per row and shard (groups of 8 per prompt)")

@@ -80,7 +80,8 @@ def run_pair(base, pair: int, variants: list[str], args) -> None:
     work = args.work / pair_name(pair, args.per_concept)
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    dirs = concept_adapters(base, subject, style, SEED, work, ("dora",), steps=args.steps)
+    # the fidelity protocol's adapters (a constant rate), whatever mini's defaults become: the cached ones stay valid
+    dirs = concept_adapters(base, subject, style, SEED, work, ("dora",), steps=args.steps, lr_schedule="constant")
     groups = prompts(pair, SEED, args.images)
     app = Sliders()
     defaults = argparse.Namespace(merge_steps=MergeConfig.steps, merge_lr=MergeConfig.learning_rate)

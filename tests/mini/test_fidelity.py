@@ -196,7 +196,9 @@ def test_another_recipes_rows_join_their_shard_in_the_report(fidelity, tmp_path,
     meta.update(images=8, settings={"steps": "300", "lr": "0.003", "merge_steps": "100", "merge_lr": "0.003"})
     meta_path.write_text(json.dumps(meta))
     merged = []
-    monkeypatch.setattr(fidelity, "train_concept_adapter", lambda base, kind, folder, out, **settings: out)
+    trained = []  # a shard from before --lr-schedule was recorded ran at a constant rate: retrained so
+    monkeypatch.setattr(fidelity, "train_concept_adapter",
+                        lambda base, kind, folder, out, **settings: trained.append(settings) or out)
     step = type("Step", (), {"elapsed": 0.0, "summary": {}})
     monkeypatch.setattr(fidelity, "merge_adapters", lambda base, s, t, cfg, out: merged.append(cfg) or [step])
     monkeypatch.setattr(fidelity, "row_adapters", lambda base, row, dirs, m: (row, 1, None))
@@ -204,6 +206,7 @@ def test_another_recipes_rows_join_their_shard_in_the_report(fidelity, tmp_path,
     monkeypatch.setattr(fidelity, "sample", lambda base, groups, seed, images, adapters, candidates: rows[adapters])
     fidelity.run_extra(None, 0, 0, "better", {"lam": 0.0}, tmp_path)
     assert [(c.method, c.lam, c.steps) for c in merged] == [("direct", 0.01, 100), ("zipq", 0.0, 100)]
+    assert [(t["steps"], t["learning_rate"], t["lr_schedule"]) for t in trained] == [(300, 0.003, "constant")] * 2
     extra = json.loads((tmp_path / f"{fidelity.extra_name(0, 0, 'better')}.json").read_text())
     assert extra["rows"] == ["better", "better_file"] and not any((tmp_path / "work").glob("*"))
     # the stored direct_file row was `good`, the one made again is `bad`: the adapters were not reproduced
@@ -232,7 +235,7 @@ def test_a_shard_resumes_its_rows_and_writes_its_json_last(fidelity, tmp_path, m
     monkeypatch.setattr(fidelity, "sample", fake_sample)
 
     class Args:
-        images, steps, lr = 3, 1, 1e-3
+        images, steps, lr, lr_schedule = 3, 1, 1e-3, "constant"
 
     name = fidelity.shard_name(5, 0)
     with pytest.raises(KeyboardInterrupt):
