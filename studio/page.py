@@ -98,7 +98,8 @@ def _train_tab(c: dict, base: BaseModel) -> None:
             c["lr"] = gr.Number(d.learning_rate, label="Learning rate")
             c["resolution"] = gr.Number(base.default_size, precision=0, minimum=64, maximum=2048, step=8,
                                         label="Resolution (px)")
-            c["sample_every"] = gr.Number(50, precision=0, minimum=0, label="Preview every N steps (0: never)")
+            c["sample_every"] = gr.Number(max(1, d.steps // 10), precision=0, minimum=0,  # ten previews a run
+                                          label="Preview every N steps (0: never)")
         with gr.Row():
             c["quantize"] = gr.Radio([("none", "none"), ("8-bit", "int8"), ("4-bit NF4", "nf4")], value="none",
                                      label="QDoRA: quantized frozen base")
