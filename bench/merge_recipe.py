@@ -80,8 +80,10 @@ def run_pair(base, pair: int, variants: list[str], args) -> None:
     work = args.work / pair_name(pair, args.per_concept)
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    # the fidelity protocol's adapters (a constant rate), whatever mini's defaults become: the cached ones stay valid
-    dirs = concept_adapters(base, subject, style, SEED, work, ("dora",), steps=args.steps, lr_schedule="constant")
+    # the fidelity protocol's adapters (300 steps, a constant rate) unless told otherwise, whatever mini's defaults
+    # become: cached adapters stay valid (another --steps / --lr-schedule wants its own --work folder)
+    dirs = concept_adapters(base, subject, style, SEED, work, ("dora",), steps=args.steps,
+                            lr_schedule=args.lr_schedule)
     groups = prompts(pair, SEED, args.images)
     app = Sliders()
     defaults = argparse.Namespace(merge_steps=MergeConfig.steps, merge_lr=MergeConfig.learning_rate)
@@ -97,6 +99,7 @@ def run_pair(base, pair: int, variants: list[str], args) -> None:
             save_row(work / f"{variant}_{row}.npy", sample(base, groups, SEED, args.images, adapters, candidates))
         print(f"{work.name}: {variant} done at {time.time() - started:.0f} s", file=sys.stderr, flush=True)
     meta = {"subject": subject.name, "style": style.name, "pair": pair, "seed": SEED, "images": args.images,
+            "training": {"steps": args.steps, "lr_schedule": args.lr_schedule},
             "groups": [{"colour": c, "background": b, "prompt": PROMPT.format(colour=c, background=b)}
                        for c, b in groups]}
     (work / "pair.json").write_text(json.dumps(meta, indent=1))
@@ -157,6 +160,7 @@ def main() -> None:
     parser.add_argument("--per-concept", type=int, default=2, help="tuning pairs per concept (2: 8 pairs)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--steps", type=int, default=300, help="training steps per adapter")
+    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
     parser.add_argument("--images", type=int, default=32, help=f"images per row (groups of {GROUP} per prompt)")
     parser.add_argument("--report", type=Path, default=None, help="score the finished rows into this JSON file")
     parser.add_argument("--markdown", type=Path, default=None)
