@@ -269,16 +269,16 @@ def learn_token(base, kind: str, folder: Path, steps: int, lr: float, seed: int)
 
 
 @contextmanager
-def unet_weights(base, state: dict | None):
-    """The UNet carries `state` inside the block and its own weights again after it. None: nothing changes."""
-    saved = {k: v.clone() for k, v in base.unet.state_dict().items()} if state is not None else None
+def unet_weights(base, state: dict | None = None):
+    """The UNet's weights are put back as they were after the block, whatever it did to them; `state`, when given,
+    is loaded for the block."""
+    saved = {k: v.clone() for k, v in base.unet.state_dict().items()}
     try:
         if state is not None:
             base.unet.load_state_dict(state)
         yield
     finally:
-        if saved is not None:
-            base.unet.load_state_dict(saved)
+        base.unet.load_state_dict(saved)
 
 
 def finetune_unet(base, kind: str, folder: Path, seed: int, **recipe) -> dict:
@@ -288,20 +288,19 @@ def finetune_unet(base, kind: str, folder: Path, seed: int, **recipe) -> dict:
     cfg = concept_config(kind, **recipe)
     loss = dreambooth_loss(base, kind, folder, seed, **recipe)
     unet = base.unet
-    saved = {k: v.clone() for k, v in unet.state_dict().items()}
-    unet.requires_grad_(True).train()
-    try:
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
-        for _ in range(cfg.steps):
-            optimizer.zero_grad()
-            loss().backward()
-            optimizer.step()
-            schedule.step()
-        return {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    finally:
-        unet.requires_grad_(False).eval()
-        unet.load_state_dict(saved)
+    with unet_weights(base):
+        unet.requires_grad_(True).train()
+        try:
+            optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step))
+            for _ in range(cfg.steps):
+                optimizer.zero_grad()
+                loss().backward()
+                optimizer.step()
+                schedule.step()
+            return {k: v.detach().clone() for k, v in unet.state_dict().items()}
+        finally:
+            unet.requires_grad_(False).eval()
 
 
 def _splice(ids: list[int], row: torch.Tensor):
