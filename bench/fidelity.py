@@ -47,7 +47,7 @@ from common import concept_references, emit_json, load_mini_base, mini_fingerpri
 import numpy as np
 
 from zipq_core import GenerateConfig, TrainConfig, ZipqError, generate, load_adapter
-from zipq_core.config import FAMILY_DEFAULTS, MergeConfig, Sliders
+from zipq_core.config import FAMILY_DEFAULTS, LR_SCHEDULES, MergeConfig, Sliders
 from zipq_core.merge import merge_adapters, slider_adapters
 from zipq_mini import concepts, judge, world
 
@@ -432,7 +432,7 @@ def main() -> None:
                         help="pairs per test concept (2: the first 12 pairs; 4: 24; 6: all 36)")
     parser.add_argument("--steps", type=int, default=300, help="training steps per adapter")
     parser.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
-    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
                         help="the protocol's adapters: 300 steps at a constant rate (what the stored shards ran), "
                              "whatever mini's defaults become")
     parser.add_argument("--merge-steps", type=int, default=100)

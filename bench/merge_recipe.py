@@ -45,7 +45,7 @@ from fidelity import (
 )
 
 from zipq_core import load_adapter
-from zipq_core.config import FAMILY_DEFAULTS, MergeConfig, Sliders
+from zipq_core.config import FAMILY_DEFAULTS, LR_SCHEDULES, MergeConfig, Sliders
 from zipq_core.merge import slider_adapters
 from zipq_mini import concepts, judge
 
@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--per-concept", type=int, default=2, help="tuning pairs per concept (2: 8 pairs)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--steps", type=int, default=300, help="training steps per adapter")
-    parser.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant")
     parser.add_argument("--images", type=int, default=32, help=f"images per row (groups of {GROUP} per prompt)")
     parser.add_argument("--report", type=Path, default=None, help="score the finished rows into this JSON file")
     parser.add_argument("--markdown", type=Path, default=None)

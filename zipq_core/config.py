@@ -34,6 +34,7 @@ KLORA_HAS_NO_FILE = ("K-LoRA picks each layer's adapter anew at every denoising 
                      "...` (zipq_core.merge.klora.klora_generate in Python).")
 TIMESTEP_BIASES: tuple[str, ...] = ("auto", "uniform", "low_noise", "high_noise")
 TARGET_BLOCKS: tuple[str, ...] = ("auto", "all", "decoder")
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 # The UNet's decoder half: where B-LoRA (arXiv 2403.14572) finds SDXL's style block, and on mini the blocks that
 # draw texture. A style adapter kept there cannot redraw the layout, so it composes with a subject adapter.
 DECODER_BLOCKS: tuple[str, ...] = ("up_blocks.",)
@@ -147,7 +148,7 @@ class FamilyDefaults:
     merge_batch: int  # latents per concept per learned-merge step
     candidates: int  # candidates per image when generating from a merge (each costs a full generation)
     blora_split: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # B-LoRA (content, style) UNet blocks
-    lr_schedule: str = "constant"  # TrainConfig.lr_schedule
+    lr_schedule: LrSchedule = "constant"  # TrainConfig.lr_schedule
 
 
 # mini: the recipe its benchmarks measure (bench/personalization.py, bench/merge_quality.py). Real bases: the usual
@@ -300,8 +301,8 @@ class TrainConfig:
                f"resolution must be a multiple of 8 between 64 and 2048, not {self.resolution}.")
         _check(_is_int(self.warmup_steps) and 0 <= self.warmup_steps < self.steps,
                "warm-up steps must be fewer than the training steps.")
-        _check(self.lr_schedule in ("constant", "cosine"),
-               f"learning-rate schedule must be 'constant' or 'cosine', not {self.lr_schedule!r}.")
+        _check(self.lr_schedule in LR_SCHEDULES,
+               f"learning-rate schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}.")
         _check(_is_number(self.prior_weight) and 0 <= self.prior_weight < math.inf, "prior weight must be ≥ 0.")
         _check(self.target_blocks in TARGET_BLOCKS,
                f"target blocks must be one of {', '.join(TARGET_BLOCKS)}, not {self.target_blocks!r}.")
