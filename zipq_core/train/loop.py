@@ -402,15 +402,15 @@ def _train_step(base, unet, scheduler, data: _Batchable, prior: _Batchable | Non
     if prior_latents.shape[1:] != latents.shape[1:]:  # a bucket that is not square: the prior in its own pass
         own = F.mse_loss(*prediction(base, unet, scheduler, latents, cond, cfg.noise_bias, generator))
         return own + cfg.prior_weight * F.mse_loss(*prediction(base, unet, scheduler, prior_latents,
-                                                                prior_cond, cfg.noise_bias, generator))
+                                                               prior_cond, cfg.noise_bias, generator))
     pred, target = prediction(base, unet, scheduler, torch.cat([latents, prior_latents]), cond.cat(prior_cond),
-                               cfg.noise_bias, generator)
+                              cfg.noise_bias, generator)
     n = cfg.batch_size
     return F.mse_loss(pred[:n], target[:n]) + cfg.prior_weight * F.mse_loss(pred[n:], target[n:])
 
 
 def prediction(base, unet, scheduler, latents: torch.Tensor, cond: Conditioning, bias: str,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The UNet's prediction for noised latents and its target (noise, or v for a v-prediction scheduler)."""
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     t = sample_timesteps(scheduler.config.num_train_timesteps, latents.shape[0], bias, generator)
