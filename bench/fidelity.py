@@ -20,6 +20,7 @@ Shards resume: a shard is ``<shards>/<subject>__<style>__seed<k>.npz`` (the imag
 written last; a started shard keeps its adapters and finished rows under ``<shards>/work`` until it is done.
 
     python bench/fidelity.py --shards runs/fidelity [--part 1/4] [--seeds 1] [--per-concept 4] [--steps 300]
+        [--style-steps N] [--lr-schedule cosine]
     python bench/fidelity.py --shards runs/fidelity --add LABEL --recipe lam=0,balance=relative [--part 1/2]
     python bench/fidelity.py --shards runs/fidelity --report FILE [--markdown F]
 
@@ -100,13 +101,16 @@ def prompts(pair: int, seed: int, images: int) -> list[tuple[str, str]]:
     return out
 
 
-def concept_adapters(base, subject, style, seed: int, work: Path, methods, **settings) -> dict[str, Path]:
+def concept_adapters(base, subject, style, seed: int, work: Path, methods, style_steps: int | None = None,
+                     **settings) -> dict[str, Path]:
     """Both concepts' example sets (under work/examples) and an adapter per kind and method trained on its set with
-    `settings` over mini's defaults: {"subject_dora": folder, …}; finished ones are reused."""
+    `settings` over mini's defaults (the style's with `style_steps` when given): {"subject_dora": folder, …};
+    finished ones are reused."""
     sets = {"subject": concepts.write_example_set(subject, work / "examples" / "subject", seed),
             "style": concepts.write_example_set(style, work / "examples" / "style", seed)}
+    per_kind = {"subject": settings, "style": settings if style_steps is None else {**settings, "steps": style_steps}}
     return {f"{kind}_{m}": train_concept_adapter(base, kind, sets[kind], work / f"{kind}_{m}", method=m, seed=seed,
-                                                 **settings)
+                                                 **per_kind[kind])
             for kind in ("subject", "style") for m in methods}
 
 
@@ -170,7 +174,7 @@ def run_shard(base, pair: int, seed: int, args, shards: Path) -> Path:
     rows_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     dirs = concept_adapters(base, subject, style, seed, work, ("dora", "lora"), steps=args.steps,
-                            learning_rate=args.lr, lr_schedule=args.lr_schedule)
+                            style_steps=args.style_steps, learning_rate=args.lr, lr_schedule=args.lr_schedule)
     merged = {m: merge(base, m, dirs, seed, args, work / f"merged_{m}") for m in MERGES}
     groups = prompts(pair, seed, args.images)
     for row in ROWS:
@@ -223,7 +227,9 @@ def run_extra(base, pair: int, seed: int, label: str, recipe: dict, shards: Path
     work = shards / "work" / extra_name(pair, seed, label)
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    style_steps = settings.get("style_steps", "None")  # shards from before it: the style trained --steps too
     dirs = concept_adapters(base, subject, style, seed, work, ("dora",), steps=int(settings["steps"]),
+                            style_steps=None if style_steps == "None" else int(style_steps),
                             learning_rate=float(settings["lr"]),
                             lr_schedule=settings.get("lr_schedule", "constant"))  # shards from before it: constant
     as_run = argparse.Namespace(merge_steps=int(settings["merge_steps"]), merge_lr=float(settings["merge_lr"]))
@@ -431,6 +437,7 @@ def main() -> None:
     parser.add_argument("--per-concept", type=int, default=4,
                         help="pairs per test concept (2: the first 12 pairs; 4: 24; 6: all 36)")
     parser.add_argument("--steps", type=int, default=300, help="training steps per adapter")
+    parser.add_argument("--style-steps", type=int, default=None, help="the style adapters' steps (default: --steps)")
     parser.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
     parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
                         help="the protocol's adapters: 300 steps at a constant rate (what the stored shards ran), "

@@ -207,6 +207,12 @@ def test_another_recipes_rows_join_their_shard_in_the_report(fidelity, tmp_path,
     fidelity.run_extra(None, 0, 0, "better", {"lam": 0.0}, tmp_path)
     assert [(c.method, c.lam, c.steps) for c in merged] == [("direct", 0.01, 100), ("zipq", 0.0, 100)]
     assert [(t["steps"], t["learning_rate"], t["lr_schedule"]) for t in trained] == [(300, 0.003, "constant")] * 2
+    trained.clear()  # a shard from before --style-steps trained its style with --steps (above), a later one not
+    meta["settings"]["style_steps"] = "50"
+    meta_path.write_text(json.dumps(meta))
+    rows.update(other=np.stack(good), other_file=np.stack(bad))
+    fidelity.run_extra(None, 0, 0, "other", {"lam": 0.0}, tmp_path)
+    assert [t["steps"] for t in trained] == [300, 50]
     extra = json.loads((tmp_path / f"{fidelity.extra_name(0, 0, 'better')}.json").read_text())
     assert extra["rows"] == ["better", "better_file"] and not any((tmp_path / "work").glob("*"))
     # the stored direct_file row was `good`, the one made again is `bad`: the adapters were not reproduced
@@ -229,13 +235,15 @@ def test_a_shard_resumes_its_rows_and_writes_its_json_last(fidelity, tmp_path, m
         sampled.append(adapters)
         return np.full((images, 64, 64, 3), len(sampled), np.uint8)
 
-    monkeypatch.setattr(fidelity, "train_concept_adapter", lambda base, kind, folder, out, **settings: out)
+    trained = []
+    monkeypatch.setattr(fidelity, "train_concept_adapter",
+                        lambda base, kind, folder, out, **settings: trained.append((kind, settings["steps"])) or out)
     monkeypatch.setattr(fidelity, "merge", lambda base, method, dirs, seed, args, out: {"dir": str(out)})
     monkeypatch.setattr(fidelity, "row_adapters", lambda base, row, dirs, merged: (row, 1, None))
     monkeypatch.setattr(fidelity, "sample", fake_sample)
 
     class Args:
-        images, steps, lr, lr_schedule = 3, 1, 1e-3, "constant"
+        images, steps, style_steps, lr, lr_schedule = 3, 4, 2, 1e-3, "constant"
 
     name = fidelity.shard_name(5, 0)
     with pytest.raises(KeyboardInterrupt):
@@ -243,6 +251,7 @@ def test_a_shard_resumes_its_rows_and_writes_its_json_last(fidelity, tmp_path, m
     assert not (tmp_path / f"{name}.json").exists() and len(list((tmp_path / "work" / name / "rows").glob("*"))) == 3
     fidelity.run_shard(None, 5, 0, Args, tmp_path)
     assert sampled == fidelity.ROWS  # every row sampled once: the three finished ones were not redone
+    assert set(trained) == {("subject", 4), ("style", 2)}  # --style-steps is the style adapters' own
     meta = json.loads((tmp_path / f"{name}.json").read_text())
     data = np.load(tmp_path / f"{name}.npz")
     assert meta["rows"] == fidelity.ROWS and all(data[row].shape == (3, 64, 64, 3) for row in fidelity.ROWS)
