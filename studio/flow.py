@@ -90,23 +90,36 @@ class TrainForm:
     int8: bool = False
     rank: int = 8
     steps: int = 300
+    style_steps: int | None = None  # None: `steps`
     learning_rate: float = 3e-3
+    lr_schedule: str | None = None  # None: the base family's
     resolution: int = 64
     prior: bool = False
-    sample_every: int = 50
+    previews: int = 6  # per training, evenly spaced (0: none)
 
     @classmethod
-    def parse(cls, which, method, quantize, int8, rank, steps, lr, resolution, prior, sample_every) -> TrainForm:
+    def parse(cls, which, method, quantize, int8, rank, steps, style_steps, lr, lr_schedule, resolution, prior,
+              previews) -> TrainForm:
         if which not in ("subject", "style", "both"):
             raise ZipqError("Train 'subject', 'style' or 'both'.")
         return cls(which=which, method=method, quantize=quantize, int8=bool(int8), rank=number(rank, "Rank", int),
-                   steps=number(steps, "Steps", int), learning_rate=number(lr, "Learning rate"),
+                   steps=number(steps, "Subject steps", int), style_steps=number(style_steps, "Style steps", int),
+                   learning_rate=number(lr, "Learning rate"), lr_schedule=lr_schedule or None,
                    resolution=number(resolution, "Resolution", int), prior=bool(prior),
-                   sample_every=number(sample_every, "Preview every N steps", int))
+                   previews=number(previews, "Previews", int))
 
     @property
     def kinds(self) -> list[str]:
         return ["subject", "style"] if self.which == "both" else [self.which]
+
+    def steps_for(self, kind: str) -> int:
+        return self.style_steps if kind == "style" and self.style_steps is not None else self.steps
+
+    def sample_every(self, kind: str) -> int:
+        """The preview interval that spreads `previews` over this kind's steps (0: no previews)."""
+        if self.previews < 0:
+            raise ZipqError(f"Previews must be 0 (none) or more, not {self.previews}.")
+        return max(1, self.steps_for(kind) // self.previews) if self.previews else 0
 
 
 @dataclass(frozen=True)
@@ -413,10 +426,11 @@ class Studio:
         Train tab's fields over it."""
         return TrainConfig.for_family((base or self.base).family, kind=kind, token=s.token(kind),
                                       class_noun=s.noun(kind), method=form.method, rank=form.rank,
-                                      learning_rate=form.learning_rate, steps=form.steps, resolution=form.resolution,
-                                      prior_preservation=form.prior and kind == "subject",
-                                      quantize_base=form.quantize, sample_every=form.sample_every,
-                                      checkpoint_every=max(10, form.steps // 4))
+                                      learning_rate=form.learning_rate, lr_schedule=form.lr_schedule,
+                                      steps=form.steps_for(kind),
+                                      resolution=form.resolution, prior_preservation=form.prior and kind == "subject",
+                                      quantize_base=form.quantize, sample_every=form.sample_every(kind),
+                                      checkpoint_every=max(10, form.steps_for(kind) // 4))
 
     def submit_training(self, session: str, form: TrainForm) -> list[Job]:
         """Queue training of the subject, the style or both (one after the other); returns at once."""
@@ -814,8 +828,8 @@ class Studio:
         return ()
 
     # ---------------------------------------------------------------------------------------- whole flow
-    def run_flow(self, session: str, subject_name: str, style_name: str, steps, merge_method: str, merge_steps,
-                 prompt: str, seed) -> tuple[tuple[Stored, Stored] | None, list[Job], str]:
+    def run_flow(self, session: str, subject_name: str, style_name: str, steps, style_steps, merge_method: str,
+                 merge_steps, prompt: str, seed) -> tuple[tuple[Stored, Stored] | None, list[Job], str]:
         """Load the examples when a tab is empty, then queue: train subject → train style → merge → generate.
 
         Returns:
@@ -830,9 +844,9 @@ class Studio:
         loaded = self.load_examples(session, subject_name, style_name) if empty else None
         s = paths.read_settings()
         prompt = s.prompt if empty or not (prompt or "").strip() else prompt
-        steps = number(steps or d.steps, "Steps", int)
-        form = TrainForm(which="both", steps=steps, learning_rate=d.learning_rate, rank=d.rank,
-                         resolution=base.default_size, sample_every=max(1, steps // 3))
+        form = TrainForm(which="both", steps=number(steps or d.steps, "Subject steps", int),
+                         style_steps=number(style_steps or d.steps_for("style"), "Style steps", int),
+                         learning_rate=d.learning_rate, rank=d.rank, resolution=base.default_size, previews=3)
         jobs = self.submit_training(session, form)
         method = merge_method if merge_method in (*METHODS, "klora") else "zipq"
         merge = MergeForm(method=method, steps=number(merge_steps or 100, "Merge steps", int))

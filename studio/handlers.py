@@ -276,15 +276,16 @@ class Handlers:
         return (*self._base_fields(session, name), nouns)
 
     def _base_fields(self, session: str, name: str) -> tuple:
-        """The base dropdown, then the fields that follow the base: its line, the family defaults (steps, rank,
-        learning rate, resolution, width, height, candidates) and the family note."""
+        """The base dropdown, then the fields that follow the base: its line, the family defaults (subject and style
+        steps, rank, learning rate and schedule, resolution, width, height, candidates) and the family note."""
         base = self.studio.bases.resident(self.studio.bases.spec(name))
         line = self._base_line(session, name, base)
         if base is None:  # the defaults arrive with the base (the poll redraws them once it is loaded)
             return (name, line, *(gr.skip() for _ in range(BASE_FIELDS - 2)))
         d = family_defaults(base.family)
         size = base.default_size
-        return (name, line, d.steps, d.rank, d.learning_rate, size, size, size, d.candidates, family_note(base))
+        return (name, line, d.steps, d.steps_for("style"), d.rank, d.learning_rate, d.lr_schedule, size, size, size,
+                d.candidates, family_note(base))
 
     def _base_line(self, session: str, name: str, base: BaseModel | None) -> str:
         if base is not None:
@@ -364,15 +365,18 @@ class Handlers:
 
     @user_errors
     def train(self, session: str, which: str, method: str, quantize: str, int8: bool, rank: float, steps: float,
-              lr: float, resolution: float, prior: bool, sample_every: float) -> str:
+              style_steps: float, lr: float, lr_schedule: str, resolution: float, prior: bool,
+              previews: float) -> str:
         """Queue training of the subject, the style or both (one after the other); returns at once."""
-        form = TrainForm.parse(which, method, quantize, int8, rank, steps, lr, resolution, prior, sample_every)
+        form = TrainForm.parse(which, method, quantize, int8, rank, steps, style_steps, lr, lr_schedule, resolution,
+                               prior, previews)
         jobs = self.studio.submit_training(session, form)
         return "Queued: " + ", ".join(queued(j) for j in jobs)
 
     @user_errors
     def resume(self, session: str, which: str, method: str, quantize: str, int8: bool, rank: float, steps: float,
-               lr: float, resolution: float, prior: bool, sample_every: float) -> str:
+               style_steps: float, lr: float, lr_schedule: str, resolution: float, prior: bool,
+              previews: float) -> str:
         """Continue a cancelled or interrupted training from its newest checkpoint, with the settings it began
         with (the form's other fields are not used)."""
         jobs = self.studio.resume(session, which)
@@ -445,11 +449,11 @@ class Handlers:
 
     # ---- the whole flow
     @user_errors
-    def run_flow(self, session: str, subject_name: str, style_name: str, steps: float, merge_method: str,
-                 merge_steps: float, prompt: str, seed: float) -> tuple:
+    def run_flow(self, session: str, subject_name: str, style_name: str, steps: float, style_steps: float,
+                 merge_method: str, merge_steps: float, prompt: str, seed: float) -> tuple:
         """Load the examples when a tab is empty, then queue: train subject → train style → merge → generate."""
-        loaded, jobs, prompt = self.studio.run_flow(session, subject_name, style_name, steps, merge_method,
-                                                    merge_steps, prompt, seed)
+        loaded, jobs, prompt = self.studio.run_flow(session, subject_name, style_name, steps, style_steps,
+                                                    merge_method, merge_steps, prompt, seed)
         filled = self._examples(*loaded)[:-1] if loaded else tuple(gr.skip() for _ in range(8))
         status = "Queued the whole flow: " + " → ".join(j.label for j in jobs)
         return (*filled, prompt, status)
@@ -583,8 +587,10 @@ class Handlers:
         return paths
 
 
-BASE_FIELDS = 10  # the base dropdown, its line, 7 defaults, the family note
-POLL_OUTPUTS = 22  # train: status, 2 plots, samples, 2 downloads · merge: 3 · flow: 2 · generate: 1 · base: 9 · key
+BASE_FIELDS = 12  # the base dropdown, its line, 9 defaults, the family note
+# train: status, 2 plots, samples, 2 downloads · merge: 3 · flow: 2 · generate: 1 · the base fields but the dropdown
+# · key
+POLL_OUTPUTS = 6 + 3 + 2 + 1 + (BASE_FIELDS - 1) + 1
 
 
 def _base_state(seen: Any) -> list | None:

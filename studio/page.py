@@ -16,6 +16,7 @@ import gradio as gr
 from zipq_core.base import BaseModel
 from zipq_core.config import (
     KLORA_HAS_NO_FILE,
+    LR_SCHEDULES,
     MAX_CANDIDATES,
     METHODS,
     GenerateConfig,
@@ -30,6 +31,7 @@ from .flow import (
     LIMITS,
     MERGE_LABELS,
     NATIVE_FORMAT,
+    TrainForm,
     download_formats,
     example_names,
 )
@@ -91,15 +93,20 @@ def _train_tab(c: dict, base: BaseModel) -> None:
     with gr.Row():
         c["train_which"] = gr.Radio(["subject", "style", "both"], value="both", label="Train")
         c["method"] = gr.Radio([("DoRA", "dora"), ("LoRA", "lora")], value="dora", label="Adapter")
-        c["steps"] = gr.Number(d.steps, precision=0, minimum=1, maximum=100000, label="Steps", elem_id="steps")
+        c["steps"] = gr.Number(d.steps, precision=0, minimum=1, maximum=100000, label="Subject steps",
+                               elem_id="steps")
+        c["style_steps"] = gr.Number(d.steps_for("style"), precision=0, minimum=1, maximum=100000,
+                                     label="Style steps", elem_id="style_steps")
     with gr.Accordion("Advanced", open=False):
         with gr.Row():
             c["rank"] = gr.Slider(1, 64, value=d.rank, step=1, label="Rank")
             c["lr"] = gr.Number(d.learning_rate, label="Learning rate")
+            c["lr_schedule"] = gr.Radio(list(LR_SCHEDULES), value=d.lr_schedule, label="Learning-rate schedule",
+                                        info="cosine: from the full rate down toward 0 by the last step")
             c["resolution"] = gr.Number(base.default_size, precision=0, minimum=64, maximum=2048, step=8,
                                         label="Resolution (px)")
-            c["sample_every"] = gr.Number(max(1, d.steps // 10), precision=0, minimum=0,  # ten previews a run
-                                          label="Preview every N steps (0: never)")
+            c["previews"] = gr.Number(TrainForm.previews, precision=0, minimum=0, maximum=100,
+                                      label="Previews per training (0: none)")
         with gr.Row():
             c["quantize"] = gr.Radio([("none", "none"), ("8-bit", "int8"), ("4-bit NF4", "nf4")], value="none",
                                      label="QDoRA: quantized frozen base")
@@ -280,12 +287,12 @@ def build_ui(base: BaseModel, secret: str, cache_ttl_s: float, bases: list[str] 
     return demo, UI(c)
 
 
-TRAIN_INPUTS = ("session", "train_which", "method", "quantize", "int8", "rank", "steps", "lr", "resolution",
-                "prior", "sample_every")
+TRAIN_INPUTS = ("session", "train_which", "method", "quantize", "int8", "rank", "steps", "style_steps", "lr",
+                "lr_schedule", "resolution", "prior", "previews")
 GEN_INPUTS = ("session", "prompt", "negative", "seed", "gen_steps", "guidance", "width", "height", "num_images",
               "subject_strength", "style_strength", "subject_detail", "handoff", "candidates")
-BASE_TARGETS = ("base", "base_status", "steps", "rank", "lr", "resolution", "width", "height", "candidates",
-                "family_note")
+BASE_TARGETS = ("base", "base_status", "steps", "style_steps", "rank", "lr", "lr_schedule", "resolution", "width",
+                "height", "candidates", "family_note")
 POLL_TARGETS = ("train_status", "subject_plot", "style_plot", "train_samples", "subject_dl", "style_dl",
                 "merge_status", "merge_plot", "merged_dl", "flow_status", "flow_gallery", "gen_status",
                 *BASE_TARGETS[1:], "seen")
@@ -314,8 +321,8 @@ def wire(demo: gr.Blocks, ui: UI, h: Handlers) -> None:
             ui[name].input(h.remember_words, words, ui("prompt"), api_visibility="private", show_progress="hidden")
         ui["ex_btn"].click(h.load_examples, ui("session", "ex_subject", "ex_style"), ui(*EXAMPLE_TARGETS),
                            api_name="load_examples")
-        ui["flow_btn"].click(h.run_flow, ui("session", "ex_subject", "ex_style", "steps", "merge_method",
-                                            "merge_steps", "prompt", "seed"),
+        ui["flow_btn"].click(h.run_flow, ui("session", "ex_subject", "ex_style", "steps", "style_steps",
+                                            "merge_method", "merge_steps", "prompt", "seed"),
                              ui(*EXAMPLE_TARGETS, "flow_status"), api_name="run_flow")
         ui["flow_cancel"].click(lambda s: h.cancel(s, "all"), ui("session"), ui("flow_status"),
                                 api_visibility="private")

@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     family = "the base family's (table below)"
     add_config_flags(t, config.TrainConfig, note="unset flags: the defaults shown",
                      decided_elsewhere={"learning_rate": family, "rank": family, "target_modules": family,
-                                        "steps": family, "batch_size": family, "gradient_checkpointing": family,
+                                        "steps": "the base family's for the --kind (table below)",
+                                        "batch_size": family, "gradient_checkpointing": family,
                                         "aspect_buckets": family,
                                         "resolution": "the base model's size"})
 

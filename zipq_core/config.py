@@ -149,6 +149,11 @@ class FamilyDefaults:
     candidates: int  # candidates per image when generating from a merge (each costs a full generation)
     blora_split: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # B-LoRA (content, style) UNet blocks
     lr_schedule: LrSchedule = "constant"  # TrainConfig.lr_schedule
+    style_steps: int | None = None  # a style adapter's steps (None: `steps`, as a subject's)
+
+    def steps_for(self, kind: str) -> int:
+        """Training steps for an adapter of this kind ('subject' or 'style')."""
+        return self.style_steps if kind == "style" and self.style_steps is not None else self.steps
 
 
 # mini: the recipe its benchmarks measure (bench/personalization.py, bench/merge_quality.py). Real bases: the usual
@@ -164,14 +169,15 @@ BLORA_SDXL = (("up_blocks.0.attentions.0.",), ("up_blocks.0.attentions.1.",))
 # (bench/blora_split.py, bench/results/blora_split.json) it identified subject and style best together (0.34 / 0.38
 # against the SDXL split's 0.16 / 0.25; 4 pairs × 8 images, the merged file alone).
 BLORA_MINI = (("down_blocks.", "mid_block."), ("up_blocks.",))
-# mini trains 3000 steps with a cosine rate: on the tuning split's unseen subjects, judge identification went
-# 0.42 (300 steps, constant) → 0.48 (300, cosine) → 0.49 (1200) → 0.62 (3000, constant) → 0.68 (3000, cosine)
-# → 0.73 (6000, not taken: twice the time for a gain inside run-to-run noise); styles did not move (0.34 → 0.30).
-# bench/personalization_split.py, bench/README.md "Longer training".
+# mini trains a subject 3000 steps with a cosine rate: on the tuning split's unseen subjects, judge identification
+# went 0.42 (300 steps, constant) → 0.48 (300, cosine) → 0.49 (1200) → 0.62 (3000, constant) → 0.68 (3000, cosine)
+# → 0.73 (6000, not taken: twice the time for a gain inside run-to-run noise). A style keeps 300 steps: tuning
+# styles did not gain from length (0.34 at 300 constant, 0.32 at 300 cosine, 0.30 at 3000 cosine), and 3000 cost
+# ten times the time. bench/personalization_split.py, bench/README.md "Longer training".
 FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {
     "mini": FamilyDefaults(learning_rate=3e-3, rank=8, targets="full", steps=3000, batch_size=2,
                            gradient_checkpointing=False, aspect_buckets=False, merge_batch=2, candidates=8,
-                           blora_split=BLORA_MINI, lr_schedule="cosine"),
+                           blora_split=BLORA_MINI, lr_schedule="cosine", style_steps=300),
     "sd1": FamilyDefaults(**_REAL),
     "sd2": FamilyDefaults(**_REAL),
     "sdxl": FamilyDefaults(**_REAL, blora_split=BLORA_SDXL),
@@ -185,10 +191,12 @@ def family_defaults(family: str) -> FamilyDefaults:
 
 def family_table() -> str:
     """The family defaults as a plain-text table (the CLI's --help epilog, the Train tab's note)."""
-    rows = [f"{'family':<6} {'lr':>7} {'schedule':<8} {'rank':>4} {'targets':<10} {'steps':>5} {'batch':>5} "
+    rows = [f"{'family':<6} {'lr':>7} {'schedule':<8} {'rank':>4} {'targets':<10} {'steps':>16} {'batch':>5} "
             f"{'checkpointing':>13} {'buckets':>7} {'merge batch':>11} {'candidates':>10}"]
     on = lambda flag: "on" if flag else "off"
-    rows += [f"{name:<6} {d.learning_rate:>7g} {d.lr_schedule:<8} {d.rank:>4} {d.targets:<10} {d.steps:>5} "
+    steps = lambda d: (f"{d.steps} (style {d.steps_for('style')})" if d.steps_for("style") != d.steps
+                       else str(d.steps))
+    rows += [f"{name:<6} {d.learning_rate:>7g} {d.lr_schedule:<8} {d.rank:>4} {d.targets:<10} {steps(d):>16} "
              f"{d.batch_size:>5} {on(d.gradient_checkpointing):>13} {on(d.aspect_buckets):>7} {d.merge_batch:>11} "
              f"{d.candidates:>10}"
              for name, d in FAMILY_DEFAULTS.items()]
@@ -323,11 +331,12 @@ class TrainConfig:
 
     @classmethod
     def for_family(cls, family: str, **overrides: Any) -> TrainConfig:
-        """The family's defaults (FAMILY_DEFAULTS), then `overrides` (None values are ignored)."""
+        """The family's defaults (FAMILY_DEFAULTS; steps per kind), then `overrides` (None values are ignored)."""
         d = family_defaults(family)
         base = {"learning_rate": d.learning_rate, "rank": d.rank, "target_modules": TARGET_PRESETS[d.targets],
-                "steps": d.steps, "batch_size": d.batch_size, "gradient_checkpointing": d.gradient_checkpointing,
-                "aspect_buckets": d.aspect_buckets, "lr_schedule": d.lr_schedule}
+                "steps": d.steps_for(overrides.get("kind") or cls.kind), "batch_size": d.batch_size,
+                "gradient_checkpointing": d.gradient_checkpointing, "aspect_buckets": d.aspect_buckets,
+                "lr_schedule": d.lr_schedule}
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     @property

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from zipq_core import GenerateConfig, TrainConfig, ZipqError, generate, load_adapter, load_base, train_adapter
-from zipq_core.config import parse_targets
+from zipq_core.config import family_defaults, family_table, parse_targets
 from zipq_core.data import DataConfig, prepare_images
 from zipq_core.train import sample_timesteps
 
@@ -133,6 +133,15 @@ def test_prior_preservation_generates_and_uses_class_images(mini, subject_dir, t
 def test_config_errors_say_what_to_change(bad):
     with pytest.raises(ZipqError):
         TrainConfig(**bad)
+
+
+def test_a_family_trains_each_kind_its_own_steps():
+    mini, sd1 = family_defaults("mini"), family_defaults("sd1")
+    assert TrainConfig.for_family("mini").steps == TrainConfig.for_family("mini", kind="subject").steps == mini.steps
+    assert TrainConfig.for_family("mini", kind="style").steps == mini.steps_for("style") < mini.steps
+    assert TrainConfig.for_family("mini", kind="style", steps=7).steps == 7  # a value given wins
+    assert TrainConfig.for_family("sd1", kind="style").steps == sd1.steps  # a family without style steps of its own
+    assert f"{mini.steps} (style {mini.steps_for('style')})" in family_table()
 
 
 def test_timestep_bias_skews_the_draws_toward_its_noise_levels():

@@ -48,11 +48,12 @@ def test_whole_flow_examples_train_merge_generate(client, server):
     assert (token, noun, style_token) == ("sks", "heart", "zkz")
     assert prompt == "a photo of sks heart in zkz style"
 
-    msg = client.predict(session, "both", "dora", "none", False, 4, 12, 1e-3, 64, False, 6, api_name="/train")
+    msg = client.predict(session, "both", "dora", "none", False, 4, 12, 8, 1e-3, "cosine", 64, False, 2,
+                         api_name="/train")
     assert "train subject" in msg and "train style" in msg
-    jobs = wait_jobs(client, session)
+    jobs = wait_jobs(client, session)  # each kind its own steps
     assert [(j["kind"], j["status"], j["step"]) for j in jobs] == [("train-subject", "done", 12),
-                                                                    ("train-style", "done", 12)]
+                                                                    ("train-style", "done", 8)]
     assert jobs[0]["losses"] and jobs[0]["artifacts"]["adapter"]
 
     msg = client.predict(session, "zipq", 0.01, 5, 1.0, 1.0, 0.5, api_name="/merge")
@@ -78,7 +79,7 @@ def test_whole_flow_examples_train_merge_generate(client, server):
 
 def test_run_whole_flow_button(client):
     session = client.predict(api_name="/new_session")
-    out = client.predict(session, "moon", "grid", 8, "direct", 100, "", 1, api_name="/run_flow")
+    out = client.predict(session, "moon", "grid", 8, 8, "direct", 100, "", 1, api_name="/run_flow")
     assert out[2:4] == ("sks", "moon") and out[8] == "a photo of sks moon in zkz style"
     assert "train subject → train style → merge" in out[-1]
     jobs = wait_jobs(client, session)
@@ -91,7 +92,8 @@ def test_cancel_stops_a_training_and_keeps_it_resumable(client):
     session = client.predict(api_name="/new_session")
     client.predict(session, "heart", "zigzag", api_name="/load_examples")
     # Long enough to cancel mid-way, well inside the default per-job budget even on a slow or busy machine.
-    client.predict(session, "subject", "dora", "none", False, 4, 2000, 1e-3, 64, False, 0, api_name="/train")
+    client.predict(session, "subject", "dora", "none", False, 4, 2000, 2000, 1e-3, "cosine", 64, False, 0,
+                   api_name="/train")
     deadline = time.time() + 60
     while time.time() < deadline:
         job = client.predict(session, api_name="/job_status")["jobs"][-1]
@@ -103,7 +105,8 @@ def test_cancel_stops_a_training_and_keeps_it_resumable(client):
     assert job["status"] == "cancelled" and 2 <= job["step"] < 2000
     assert job["artifacts"]["adapter"] == "adapters/subject"  # the adapter so far was saved
     # Resume takes the settings the training began with, whatever the form says now (here: 10 steps).
-    msg = client.predict(session, "subject", "dora", "none", False, 4, 10, 1e-3, 64, False, 0, api_name="/resume")
+    msg = client.predict(session, "subject", "dora", "none", False, 4, 10, 10, 1e-3, "cosine", 64, False, 0,
+                         api_name="/resume")
     assert msg.startswith("Resuming with the settings it started with")
     job = client.predict(session, api_name="/job_status")["jobs"][-1]
     assert job["label"] == "resume subject" and job["total"] in (0, 2000)
@@ -144,7 +147,7 @@ def test_two_sessions_are_isolated(client, server):
     b = client.predict(api_name="/new_session")
     assert a != b
     client.predict(a, "bolt", "hatching", api_name="/load_examples")
-    client.predict(a, "subject", "lora", "none", False, 4, 4, 1e-3, 64, False, 0, api_name="/train")
+    client.predict(a, "subject", "lora", "none", False, 4, 4, 4, 1e-3, "cosine", 64, False, 0, api_name="/train")
     wait_jobs(client, a)
     assert client.predict(b, api_name="/job_status")["jobs"] == []
     assert not (studio.registry.root / b / "subject").exists()

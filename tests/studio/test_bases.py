@@ -5,6 +5,7 @@ a job."""
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -12,10 +13,11 @@ import torch
 
 from studio.bases import Bases, display_name, parse_bases
 from studio.flow import LOAD_KIND, GenerateForm, Studio, TrainForm
-from studio.handlers import Handlers
+from studio.handlers import BASE_FIELDS, POLL_OUTPUTS, Handlers
+from studio.page import BASE_TARGETS, POLL_TARGETS
 from zipq_core import plan
 from zipq_core.adapters import Adapter, LoraLayer, save_adapter
-from zipq_core.config import TARGET_PRESETS, family_defaults
+from zipq_core.config import LR_SCHEDULES, TARGET_PRESETS, family_defaults
 from zipq_core.errors import ZipqError
 from zipq_core.jobs import JobRegistry
 
@@ -79,8 +81,13 @@ def test_a_session_per_base_with_the_family_defaults(two, tiny_sd1_dir):
     h = Handlers(two)
     fields = h.choose_base(b, name)
     assert fields[0] == name and "sd1" in fields[1] and str(tiny_sd1_dir.parent) not in fields[1]
-    assert fields[2:6] == (sd1.steps, sd1.rank, sd1.learning_rate, two.base_for(b).default_size)
-    assert h.choose_base(a, "mini")[2:6] == (mini.steps, mini.rank, mini.learning_rate, 64)
+    assert fields[2:8] == (sd1.steps, sd1.steps, sd1.rank, sd1.learning_rate, sd1.lr_schedule,
+                           two.base_for(b).default_size)
+    assert h.choose_base(a, "mini")[2:8] == (mini.steps, mini.steps_for("style"), mini.rank, mini.learning_rate,
+                                             mini.lr_schedule, 64)
+    # the field counts the handlers return are the page's (a mismatch is an error on every poll in the browser)
+    assert len(fields) == BASE_FIELDS + 1 and BASE_FIELDS == len(BASE_TARGETS)  # + the subject noun's choices
+    assert len(h.poll(b, None)) == POLL_OUTPUTS == len(POLL_TARGETS)
     with pytest.raises(Exception, match="not offered here"):  # a forged value through the handler
         h.choose_base(a, str(tiny_sd1_dir))
     assert two.paths(a).read_settings().base == "mini"
@@ -203,3 +210,23 @@ def test_the_upload_limit_follows_the_bases_offered():
     assert adapter_limit_mb(parse_args(["--base", "mini"])) == MINI_ADAPTER_MB
     assert adapter_limit_mb(parse_args(["--bases", "mini,org/sdxl"])) == MAX_ADAPTER_BYTES / 2**20
     assert adapter_limit_mb(parse_args(["--bases", "mini", "--max-adapter-mb", "300"])) == 300
+
+
+def test_each_kind_trains_its_own_steps_with_previews_spread_over_them(two):
+    session = two.new_session()
+    settings = two.paths(session).read_settings()
+    form = TrainForm(steps=40, style_steps=10, previews=4)
+    subject, style = (two.train_config(kind, settings, form) for kind in ("subject", "style"))
+    assert (subject.steps, subject.sample_every, style.steps, style.sample_every) == (40, 10, 10, 2)
+    assert two.train_config("style", settings, replace(form, style_steps=None)).steps == 40  # none: the subject's
+    assert two.train_config("subject", settings, replace(form, previews=0)).sample_every == 0
+    assert two.train_config("style", settings, replace(form, previews=50)).sample_every == 1  # at most one a step
+    with pytest.raises(ZipqError, match="Previews must be 0"):
+        two.train_config("subject", settings, replace(form, previews=-1))
+    # the schedule: the family's unless the form names one
+    family = family_defaults("mini").lr_schedule
+    assert two.train_config("subject", settings, form).lr_schedule == family
+    other = next(s for s in LR_SCHEDULES if s != family)
+    assert two.train_config("style", settings, replace(form, lr_schedule=other)).lr_schedule == other
+    with pytest.raises(ZipqError, match="schedule"):
+        two.train_config("subject", settings, replace(form, lr_schedule="linear"))

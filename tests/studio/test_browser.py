@@ -91,6 +91,7 @@ def test_every_tab_upload_train_reload_merge_generate(page, url, tmp_path):
     open_tab(page, "Train")
     # Enough steps (≈ 15 s per adapter on one core) that the reload surely lands mid-training.
     page.locator("#steps input").fill("120")
+    page.locator("#style_steps input").fill("120")
     page.get_by_role("button", name="Train", exact=True).click()
     page.locator("#train_status").get_by_text(re.compile(r"Subject\*?\*? · running")).wait_for()
     page.reload()
@@ -127,6 +128,7 @@ def test_every_tab_upload_train_reload_merge_generate(page, url, tmp_path):
     # It takes its step counts from the Train and Merge tabs: keep them short here.
     open_tab(page, "Train")
     page.locator("#steps input").fill("40")
+    page.locator("#style_steps input").fill("40")
     page.get_by_role("button", name="Run whole flow").click()
     page.locator("#flow_status").get_by_text("Whole flow done").wait_for()
     gallery_images(page, "flow_gallery").nth(3).wait_for()

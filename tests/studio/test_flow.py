@@ -88,7 +88,7 @@ def test_requests_over_the_budget_name_what_to_lower(studio):
 
 def test_the_whole_flow_is_a_chain_of_jobs_with_estimates(studio):
     session = studio.new_session()
-    loaded, jobs, prompt = studio.run_flow(session, "moon", "grid", 3, "direct", 2, "", 1)
+    loaded, jobs, prompt = studio.run_flow(session, "moon", "grid", 3, 3, "direct", 2, "", 1)
     assert loaded is not None and prompt == "a photo of sks moon in zkz style"
     assert [j.kind for j in jobs] == ["train-subject", "train-style", "merge", "generate"]
     assert jobs[1].after == (jobs[0].id,) and jobs[2].after == (jobs[0].id, jobs[1].id)
@@ -96,7 +96,7 @@ def test_the_whole_flow_is_a_chain_of_jobs_with_estimates(studio):
     assert all(0 < j.estimate_s < math.inf and j.budget_s == 120.0 for j in jobs)
     assert studio.paths(session).read_settings().flow_jobs == tuple(j.id for j in jobs)
     with pytest.raises(ZipqError, match="already has jobs"):
-        studio.run_flow(session, "moon", "grid", 3, "direct", 2, "", 1)
+        studio.run_flow(session, "moon", "grid", 3, 3, "direct", 2, "", 1)
     for job in jobs:
         studio.registry.wait(job.id, 120)
     assert [j.status for j in jobs] == ["done"] * 4, [j.error for j in jobs]
@@ -161,7 +161,7 @@ def test_klora_is_a_merge_without_a_file_that_generation_uses_until_the_next_mer
     registry = JobRegistry(root=tmp_path / "sessions")
     studio = Studio(mini, registry, budget_s=120.0, speed=plan.Speed(flops_per_second=2e10))
     session = studio.new_session()
-    loaded, jobs, _ = studio.run_flow(session, "moon", "grid", 3, "klora", 2, "", 1)
+    loaded, jobs, _ = studio.run_flow(session, "moon", "grid", 3, 3, "klora", 2, "", 1)
     for job in jobs:
         studio.registry.wait(job.id, 120)
     assert [j.status for j in jobs] == ["done"] * 4, [j.error for j in jobs]

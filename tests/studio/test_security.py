@@ -166,11 +166,11 @@ def test_destructive_actions_keep_the_earlier_result(strict, tmp_path):
     assert gallery == [] and "No usable image" in notes
     assert sorted((strict[1].registry.root / session / "subject" / "images").iterdir()) == paths
     # Retraining keeps the merged adapter; the page says it was made from earlier adapters.
-    client.predict(session, "both", "dora", "none", False, 4, 4, 1e-3, 64, False, 0, api_name="/train")
+    client.predict(session, "both", "dora", "none", False, 4, 4, 4, 1e-3, "cosine", 64, False, 0, api_name="/train")
     wait_jobs(client, session)
     client.predict(session, "direct", 0.01, 5, 1.0, 1.0, 0.5, api_name="/merge")
     wait_jobs(client, session)
-    client.predict(session, "subject", "dora", "none", False, 4, 6, 1e-3, 64, False, 0, api_name="/train")
+    client.predict(session, "subject", "dora", "none", False, 4, 6, 6, 1e-3, "cosine", 64, False, 0, api_name="/train")
     wait_jobs(client, session)
     from studio.handlers import Handlers
 
@@ -184,7 +184,8 @@ def test_budget_checks_apply_to_training_too(strict):
     session = client.predict(api_name="/new_session")
     client.predict(session, "heart", "zigzag", api_name="/load_examples")
     with pytest.raises(Exception) as excinfo:
-        client.predict(session, "subject", "dora", "none", False, 8, 100000, 1e-3, 64, False, 0, api_name="/train")
+        client.predict(session, "subject", "dora", "none", False, 8, 100000, 100000, 1e-3, "cosine", 64, False, 0,
+                       api_name="/train")
     assert "limit per job" in str(excinfo.value) and "lower the steps" in str(excinfo.value)
 
 
@@ -214,7 +215,8 @@ def test_after_a_crash_the_page_shows_the_interrupted_job_with_resume(tmp_path):
         client = connect(port)
         session = client.predict(api_name="/new_session")
         client.predict(session, "heart", "zigzag", api_name="/load_examples")
-        client.predict(session, "subject", "dora", "none", False, 4, 400, 1e-3, 64, False, 0, api_name="/train")
+        client.predict(session, "subject", "dora", "none", False, 4, 400, 400, 1e-3, "cosine", 64, False, 0,
+                       api_name="/train")
         checkpoints = work / session / "adapters" / "subject" / "checkpoints"
         deadline = time.time() + 120
         while not list(checkpoints.glob("step-*/trainer_state.pt")) and time.time() < deadline:
@@ -228,7 +230,7 @@ def test_after_a_crash_the_page_shows_the_interrupted_job_with_resume(tmp_path):
         client = connect(port)
         (job,) = client.predict(session, api_name="/job_status")["jobs"]
         assert job["status"] == "interrupted" and "restarted" in job["error"]
-        msg = client.predict(session, "subject", "dora", "none", False, 4, 400, 1e-3, 64, False, 0,
+        msg = client.predict(session, "subject", "dora", "none", False, 4, 400, 400, 1e-3, "cosine", 64, False, 0,
                              api_name="/resume")
         assert msg.startswith("Resuming")
         jobs = client.predict(session, api_name="/job_status")["jobs"]
