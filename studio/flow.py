@@ -41,6 +41,7 @@ from zipq_core.config import (
     check_fraction,
     check_strength,
     family_defaults,
+    kind_steps,
 )
 from zipq_core.data import ImageSet, prepare_images
 from zipq_core.errors import ZipqError
@@ -113,7 +114,7 @@ class TrainForm:
         return ["subject", "style"] if self.which == "both" else [self.which]
 
     def steps_for(self, kind: str) -> int:
-        return self.style_steps if kind == "style" and self.style_steps is not None else self.steps
+        return kind_steps(kind, self.steps, self.style_steps)
 
     def sample_every(self, kind: str) -> int:
         """The preview interval that spreads `previews` over this kind's steps (0: no previews)."""
@@ -427,8 +428,8 @@ class Studio:
         return TrainConfig.for_family((base or self.base).family, kind=kind, token=s.token(kind),
                                       class_noun=s.noun(kind), method=form.method, rank=form.rank,
                                       learning_rate=form.learning_rate, lr_schedule=form.lr_schedule,
-                                      steps=form.steps_for(kind),
-                                      resolution=form.resolution, prior_preservation=form.prior and kind == "subject",
+                                      steps=form.steps_for(kind), resolution=form.resolution,
+                                      prior_preservation=form.prior and kind == "subject",
                                       quantize_base=form.quantize, sample_every=form.sample_every(kind),
                                       checkpoint_every=max(10, form.steps_for(kind) // 4))
 

@@ -153,7 +153,12 @@ class FamilyDefaults:
 
     def steps_for(self, kind: str) -> int:
         """Training steps for an adapter of this kind ('subject' or 'style')."""
-        return self.style_steps if kind == "style" and self.style_steps is not None else self.steps
+        return kind_steps(kind, self.steps, self.style_steps)
+
+
+def kind_steps(kind: str, steps: int, style_steps: int | None) -> int:
+    """An adapter's training steps: `style_steps` for a style when given, else `steps`."""
+    return style_steps if kind == "style" and style_steps is not None else steps
 
 
 # mini: the recipe its benchmarks measure (bench/personalization.py, bench/merge_quality.py). Real bases: the usual
