@@ -133,17 +133,19 @@ class MergeForm:
     subject_weight: float = 1.0
     style_weight: float = 1.0
     density: float = 0.5
+    keep_subject: float = 0.0
 
     @classmethod
-    def parse(cls, method, lam, steps, subject_weight, style_weight, density) -> MergeForm:
+    def parse(cls, method, lam, steps, subject_weight, style_weight, density, keep_subject) -> MergeForm:
         return cls(method=method, lam=number(lam, "λ"), steps=number(steps, "Steps", int),
                    subject_weight=number(subject_weight, "Subject weight"),
-                   style_weight=number(style_weight, "Style weight"), density=number(density, "Density"))
+                   style_weight=number(style_weight, "Style weight"), density=number(density, "Density"),
+                   keep_subject=number(keep_subject, "Keep subject"))
 
     def config(self, family: str) -> MergeConfig:
         return MergeConfig.for_family(family, method=self.method, steps=self.steps, lam=self.lam,
                                       subject_weight=self.subject_weight, style_weight=self.style_weight,
-                                      density=self.density)
+                                      density=self.density, keep_subject=self.keep_subject)
 
 
 @dataclass(frozen=True)

@@ -390,10 +390,10 @@ class Handlers:
 
     @user_errors
     def merge(self, session: str, method: str, lam: float, steps: float, subject_weight: float,
-              style_weight: float, density: float) -> str:
+              style_weight: float, density: float, keep_subject: float) -> str:
         """Queue a merge of the session's subject and style adapters; returns at once."""
         job = self.studio.submit_merge(session, MergeForm.parse(method, lam, steps, subject_weight, style_weight,
-                                                                density))
+                                                                density, keep_subject))
         return f"Queued: {queued(job)}"
 
     # ---- generation

@@ -31,6 +31,7 @@ from .flow import (
     LIMITS,
     MERGE_LABELS,
     NATIVE_FORMAT,
+    MergeForm,
     TrainForm,
     download_formats,
     example_names,
@@ -166,6 +167,10 @@ def _merge_tab(c: dict) -> None:
             c["merge_subject_w"] = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Subject weight (direct/TIES/DARE)")
             c["merge_style_w"] = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Style weight (direct/TIES/DARE)")
             c["density"] = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Density (TIES/DARE)")
+        c["keep_subject"] = gr.Slider(0, 10, value=MergeForm.keep_subject, step=0.5,
+                                      label="Keep subject (ZipQDoRA / ZipLoRA)",
+                                      info="Up when the merge loses the subject: the merge learns to keep it under "
+                                           "the combined prompt, at some cost in style; one more pass a step.")
     with gr.Row():
         c["merge_btn"] = gr.Button("Merge", variant="primary")
         c["merge_cancel"] = gr.Button("Cancel", variant="stop")
@@ -334,7 +339,8 @@ def wire(demo: gr.Blocks, ui: UI, h: Handlers) -> None:
                                  api_visibility="private")
         gr.api(h.cancel, api_name="cancel")
         ui["merge_btn"].click(h.merge, ui("session", "merge_method", "lam", "merge_steps", "merge_subject_w",
-                                          "merge_style_w", "density"), ui("merge_msg"), api_name="merge")
+                                          "merge_style_w", "density", "keep_subject"), ui("merge_msg"),
+                              api_name="merge")
         ui["train_format"].input(h.train_format, ui("session", "train_format"), ui("subject_dl", "style_dl"),
                                  api_name="train_format")
         ui["merged_format"].input(h.merged_format, ui("session", "merged_format", "merge_method"), ui("merged_dl"),

@@ -56,7 +56,7 @@ def test_whole_flow_examples_train_merge_generate(client, server):
                                                                     ("train-style", "done", 8)]
     assert jobs[0]["losses"] and jobs[0]["artifacts"]["adapter"]
 
-    msg = client.predict(session, "zipq", 0.01, 5, 1.0, 1.0, 0.5, api_name="/merge")
+    msg = client.predict(session, "zipq", 0.01, 5, 1.0, 1.0, 0.5, 1.0, api_name="/merge")
     assert "ZipQDoRA" in msg
     merge = wait_jobs(client, session)[-1]
     assert (merge["kind"], merge["status"]) == ("merge", "done"), merge

@@ -108,9 +108,16 @@ def test_the_whole_flow_is_a_chain_of_jobs_with_estimates(studio):
         studio.resume(session, "subject")
 
 
+def test_the_merge_forms_keep_subject_reaches_the_merge():
+    assert MergeForm.parse("zipq", 0.01, 10, 1, 1, 0.5, 3).config("mini").keep_subject == 3.0
+    assert MergeForm().config("mini").keep_subject == 0.0  # ZipLoRA's own loss unless asked
+    with pytest.raises(ZipqError, match="keep_subject must be a number from 0 to 10"):
+        MergeForm.parse("zipq", 0.01, 10, 1, 1, 0.5, 11).config("mini")
+
+
 def test_merge_form_refuses_non_finite_values():
     with pytest.raises(ZipqError, match="finite"):
-        MergeForm.parse("zipq", float("nan"), 10, 1, 1, 0.5)
+        MergeForm.parse("zipq", float("nan"), 10, 1, 1, 0.5, 0)
     from zipq_core.config import MergeConfig
 
     for lam in (float("inf"), float("nan")):  # the core refuses them too (NaN passes every `<` check)

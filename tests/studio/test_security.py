@@ -168,7 +168,7 @@ def test_destructive_actions_keep_the_earlier_result(strict, tmp_path):
     # Retraining keeps the merged adapter; the page says it was made from earlier adapters.
     client.predict(session, "both", "dora", "none", False, 4, 4, 4, 1e-3, "cosine", 64, False, 0, api_name="/train")
     wait_jobs(client, session)
-    client.predict(session, "direct", 0.01, 5, 1.0, 1.0, 0.5, api_name="/merge")
+    client.predict(session, "direct", 0.01, 5, 1.0, 1.0, 0.5, 0.0, api_name="/merge")
     wait_jobs(client, session)
     client.predict(session, "subject", "dora", "none", False, 4, 6, 6, 1e-3, "cosine", 64, False, 0, api_name="/train")
     wait_jobs(client, session)
