@@ -376,7 +376,7 @@ class Handlers:
     @user_errors
     def resume(self, session: str, which: str, method: str, quantize: str, int8: bool, rank: float, steps: float,
                style_steps: float, lr: float, lr_schedule: str, resolution: float, prior: bool,
-              previews: float) -> str:
+               previews: float) -> str:
         """Continue a cancelled or interrupted training from its newest checkpoint, with the settings it began
         with (the form's other fields are not used)."""
         jobs = self.studio.resume(session, which)
@@ -588,8 +588,8 @@ class Handlers:
 
 
 BASE_FIELDS = 12  # the base dropdown, its line, 9 defaults, the family note
-# train: status, 2 plots, samples, 2 downloads · merge: 3 · flow: 2 · generate: 1 · the base fields but the dropdown
-# · key
+# train: status, 2 plots, samples, 2 downloads · merge: 3 · flow: 2 · generate: 1 · the base fields but the
+# dropdown · key
 POLL_OUTPUTS = 6 + 3 + 2 + 1 + (BASE_FIELDS - 1) + 1
 
 
