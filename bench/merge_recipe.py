@@ -11,9 +11,16 @@ scored by the same judge against the tuning concepts' references:
   merged file alone at 1 / 1, one candidate: what other tools get);
 - every variant's rows come from the same adapters, prompts and seeds, so variant − direct is a paired difference.
 
-Work resumes per pair and variant (``<work>/<pair>/<variant>_{app,file}.npy``); ``--variants`` adds new ones later.
+``--sliders S/T/D,…`` adds an app row per variant at each of those generation sliders (subject strength, style
+strength, subject detail; row ``app_S_T_D``) beside the default's, so that the sliders can be chosen again when the
+adapters change; ``--singles`` adds each pair's single adapters at strength 1 with the app's candidates (rows
+``subject_only_app`` and ``style_only_app``, as in the test protocol): what a merge should keep.
+
+Work resumes per pair, variant and row (``<work>/<pair>/<variant>_<row>.npy``); ``--variants`` and ``--sliders`` add
+new ones later.
 
     python bench/merge_recipe.py --work runs/merge_recipe [--part 1/2] [--variants zipq,zipq_lam0]
+        [--sliders 1.5/1.5/1,1/1/1] [--singles] [--steps 3000 --style-steps 300 --lr-schedule cosine]
     python bench/merge_recipe.py --work runs/merge_recipe --report bench/results/merge_recipe.json
 """
 
@@ -62,7 +69,19 @@ VARIANTS: dict[str, dict] = {
     "zipq_keep10": {"keep_subject": 10.0},
 }
 ROWS = ("app", "file")
+SINGLES = ("subject_only", "style_only")  # pseudo-variants: one adapter at strength 1, an app row only
 SEED = 0
+
+
+def slider_rows(text: str) -> dict[str, Sliders]:
+    """"1.5/1.5/1,1/1/1" → {"app_1.5_1.5_1": Sliders(1.5, 1.5, 1.0), …}; each value checked by Sliders."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        values = [float(v) for v in item.split("/")]
+        if len(values) != 3:
+            raise SystemExit(f"--sliders takes subject/style/detail triples, not {item!r}")
+        out["app_" + "_".join(f"{v:g}" for v in values)] = Sliders(*values)
+    return out
 
 
 def tasks(per_concept: int) -> list[int]:
@@ -75,7 +94,7 @@ def pair_name(pair: int, per_concept: int) -> str:
 
 
 def run_pair(base, pair: int, variants: list[str], args) -> None:
-    """Train the pair's two adapters once, then merge and generate each variant not yet done."""
+    """Train the pair's two adapters once, then merge and generate each variant's rows not yet done."""
     subject, style = concepts.pairs("tuning", args.per_concept)[pair]
     work = args.work / pair_name(pair, args.per_concept)
     work.mkdir(parents=True, exist_ok=True)
@@ -83,30 +102,50 @@ def run_pair(base, pair: int, variants: list[str], args) -> None:
     # the fidelity protocol's adapters (300 steps, a constant rate) unless told otherwise, whatever mini's defaults
     # become: cached adapters stay valid (another --steps / --lr-schedule wants its own --work folder)
     dirs = concept_adapters(base, subject, style, SEED, work, ("dora",), steps=args.steps,
-                            lr_schedule=args.lr_schedule)
+                            style_steps=args.style_steps, lr_schedule=args.lr_schedule)
     groups = prompts(pair, SEED, args.images)
-    app = Sliders()
+    best_of = FAMILY_DEFAULTS["mini"].candidates
+    app_rows = {"app": Sliders(), **slider_rows(args.sliders)}
     defaults = argparse.Namespace(merge_steps=MergeConfig.steps, merge_lr=MergeConfig.learning_rate)
+
+    def done(name: str) -> bool:
+        return (work / f"{name}.npy").is_file()
+
+    def generate_row(name: str, adapters, candidates: int) -> None:
+        save_row(work / f"{name}.npy", sample(base, groups, SEED, args.images, adapters, candidates))
+        print(f"{work.name}: {name} done at {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+
+    for single in SINGLES if args.singles else ():
+        if not done(f"{single}_app"):
+            generate_row(f"{single}_app", [(load_adapter(dirs[f"{single.split('_')[0]}_dora"]), 1.0)], best_of)
     for variant in variants:
-        if all((work / f"{variant}_{row}.npy").is_file() for row in ROWS):
+        names = [f"{variant}_{row}" for row in (*app_rows, "file")]
+        if all(done(n) for n in names):
             continue
         out = work / f"merged_{variant}"
-        merge(base, "zipq", dirs, SEED, defaults, out, VARIANTS[variant])  # the DoRAs, whatever the method
-        specs = {"app": (slider_adapters(out, app.subject, app.style, app.subject_detail),
-                         FAMILY_DEFAULTS["mini"].candidates),
-                 "file": ([(load_adapter(out / "pytorch_lora_weights.safetensors"), 1.0)], 1)}
-        for row, (adapters, candidates) in specs.items():
-            save_row(work / f"{variant}_{row}.npy", sample(base, groups, SEED, args.images, adapters, candidates))
-        print(f"{work.name}: {variant} done at {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+        merge(base, "zipq", dirs, SEED, defaults, out, VARIANTS[variant])  # the DoRAs, whatever the method; reused
+        for row, sliders in app_rows.items():
+            if not done(f"{variant}_{row}"):
+                generate_row(f"{variant}_{row}", slider_adapters(out, sliders.subject, sliders.style,
+                                                                 sliders.subject_detail), best_of)
+        if not done(f"{variant}_file"):
+            generate_row(f"{variant}_file", [(load_adapter(out / "pytorch_lora_weights.safetensors"), 1.0)], 1)
     meta = {"subject": subject.name, "style": style.name, "pair": pair, "seed": SEED, "images": args.images,
-            "training": {"steps": args.steps, "lr_schedule": args.lr_schedule},
+            "training": {"steps": args.steps, "style_steps": args.style_steps, "lr_schedule": args.lr_schedule},
             "groups": [{"colour": c, "background": b, "prompt": PROMPT.format(colour=c, background=b)}
                        for c, b in groups]}
     (work / "pair.json").write_text(json.dumps(meta, indent=1))
 
 
+def row_of(variant: str, stem: str) -> str | None:
+    """The row of a variant's file stem ("zipq_app_1.5_1.5_1" → "app_1.5_1.5_1"), None when it is another's."""
+    row = stem[len(variant) + 1:] if stem.startswith(f"{variant}_") else ""
+    return row if row in ROWS or row.startswith("app_") else None
+
+
 def load_scores(work: Path, variants: list[str]) -> dict:
-    """{pair: {"<variant>_<row>": {metric: per-image scores}}} for every pair with the direct rows."""
+    """{pair: {"<variant>_<row>": {metric: per-image scores}}} of every finished row of these variants (and of the
+    single adapters) in every pair."""
     j = judge.load_judge()
     from zipq_mini.evaluator import load_evaluator
 
@@ -115,41 +154,49 @@ def load_scores(work: Path, variants: list[str]) -> dict:
     out: dict = {}
     for meta_path in sorted(work.glob("*/pair.json")):
         meta = json.loads(meta_path.read_text())
-        for variant in variants:
-            for row in ROWS:
-                path = meta_path.parent / f"{variant}_{row}.npy"
-                if path.is_file():
-                    out.setdefault(meta_path.parent.name, {})[f"{variant}_{row}"] = score_images(
-                        np.load(path), meta["subject"], meta["style"], meta["groups"], j, refs, evaluator)
+        for path in sorted(meta_path.parent.glob("*.npy")):
+            if path.stem.endswith(".tmp") or not any(row_of(v, path.stem) for v in (*SINGLES, *variants)):
+                continue
+            out.setdefault(meta_path.parent.name, {})[path.stem] = score_images(
+                np.load(path), meta["subject"], meta["style"], meta["groups"], j, refs, evaluator)
     return out
 
 
 def report(scores: dict, variants: list[str], resamples: int) -> dict:
-    """Per variant and row: means with intervals, and the paired difference to the direct merge's same row."""
-    table, diffs = {}, {}
-    for variant in variants:
-        for row in ROWS:
-            name = f"{variant}_{row}"
+    """Per variant and row: means with intervals, the paired difference to the direct merge's same row, and (with
+    the single adapters' rows) the fraction of each single adapter's fidelity the row keeps (ratio of means)."""
+    names = {name for pair in scores.values() for name in pair}
+    table, diffs, keeps = {}, {}, {}
+    for variant in (*SINGLES, *variants):
+        for name in sorted(n for n in names if row_of(variant, n)):
+            row = row_of(variant, name)
             keys = [p for p in scores if name in scores[p]]
-            if not keys:
-                continue
             table[name] = {m: bootstrap([scores[p][name][m] for p in keys], resamples) for m in METRICS}
             base_name = f"direct_{row}"
             paired = [p for p in keys if base_name in scores[p]]
-            if variant != "direct" and paired:
+            if variant not in ("direct", *SINGLES) and paired:
                 diffs[f"{name} - {base_name}"] = {
                     m: bootstrap([scores[p][name][m] - scores[p][base_name][m] for p in paired], resamples)
                     for m in METRICS}
-    return {"rows": table, "differences": diffs, "pairs": sorted(scores)}
+    for name in (n for n in table if n not in {f"{single}_app" for single in SINGLES}):
+        keeps[name] = {f"{kind}_fidelity": round(table[name][f"{kind}_fidelity"]["mean"]
+                                                 / table[f"{kind}_only_app"][f"{kind}_fidelity"]["mean"], 3)
+                       for kind in ("subject", "style") if f"{kind}_only_app" in table}
+    return {"rows": table, "differences": diffs, "keeps": {k: v for k, v in keeps.items() if v},
+            "pairs": sorted(scores)}
 
 
 def markdown(result: dict) -> str:
     lines = ["| variant − direct (same row) | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     lines += [f"| {name} | " + " | ".join(f"{v[m]['mean']:+.3f} [{v[m]['low']:+.3f}, {v[m]['high']:+.3f}]"
                                           for m in METRICS) + " |" for name, v in result["differences"].items()]
-    lines += ["", "| row | " + " | ".join(FIDELITY) + " | subject_id | style_id |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | " + " | ".join(f"{v[m]['mean']:.3f}" for m in [*FIDELITY, "subject_id", "style_id"])
-              + " |" for name, v in result["rows"].items()]
+    lines += ["", "| row | " + " | ".join(FIDELITY) + " | subject_id | style_id | keeps (subject / style) |",
+              "|---|---|---|---|---|---|"]
+    for name, v in result["rows"].items():
+        keeps = result["keeps"].get(name, {})
+        kept = " / ".join(f"{keeps[m]:.2f}×" for m in FIDELITY if m in keeps)
+        lines.append(f"| {name} | " + " | ".join(f"{v[m]['mean']:.3f}" for m in [*FIDELITY, "subject_id", "style_id"])
+                     + f" | {kept} |")
     return "\n".join(lines) + "\n"
 
 
@@ -160,6 +207,10 @@ def main() -> None:
     parser.add_argument("--per-concept", type=int, default=2, help="tuning pairs per concept (2: 8 pairs)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--steps", type=int, default=300, help="training steps per adapter")
+    parser.add_argument("--style-steps", type=int, default=None, help="the style adapter's steps (default: --steps)")
+    parser.add_argument("--sliders", default="", help="more app rows at these subject/style/detail triples "
+                                                    "(comma-separated, e.g. 1.5/1.5/1,1/1/1)")
+    parser.add_argument("--singles", action="store_true", help="also each single adapter's app row")
     parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant")
     parser.add_argument("--images", type=int, default=32, help=f"images per row (groups of {GROUP} per prompt)")
     parser.add_argument("--report", type=Path, default=None, help="score the finished rows into this JSON file")
@@ -171,6 +222,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}: choose from {', '.join(VARIANTS)}")
     variants = ["direct", *(v for v in variants if v != "direct")]  # every difference needs the direct rows
+    slider_rows(args.sliders)  # a bad triple stops here, before any training
     started = time.time()
     if args.report is None:
         import torch

@@ -42,3 +42,38 @@ def test_report_differences_are_paired_with_the_direct_rows(recipe):
     assert "zipq_file - direct_file" not in result["differences"]  # no zipq file rows: nothing to compare
     assert set(result["rows"]) == {"direct_app", "direct_file", "zipq_app"}
     assert "| zipq_app - direct_app |" in recipe.markdown(result)
+
+
+def test_slider_rows_name_each_triple_and_refuse_a_bad_one(recipe):
+    rows = recipe.slider_rows("1.5/1.5/1,1/1/1")
+    assert list(rows) == ["app_1.5_1.5_1", "app_1_1_1"]
+    assert (rows["app_1.5_1.5_1"].subject, rows["app_1.5_1.5_1"].style, rows["app_1.5_1.5_1"].subject_detail) \
+        == (1.5, 1.5, 1.0)
+    assert recipe.slider_rows("") == {}
+    with pytest.raises(SystemExit, match="triples"):
+        recipe.slider_rows("1.5/1.5")
+    with pytest.raises(Exception, match="strength"):
+        recipe.slider_rows("9/1/1")  # beyond the sliders' range: Sliders refuses it
+    # a row belongs to exactly one variant: zipq's rows are not zipq_keep10's, nor the other way round
+    assert recipe.row_of("zipq", "zipq_app_1_1_1") == "app_1_1_1" and recipe.row_of("zipq", "zipq_keep10_app") is None
+    assert recipe.row_of("zipq_keep10", "zipq_keep10_file") == "file"
+    assert recipe.row_of("subject_only", "subject_only_app") == "app"
+
+
+def test_slider_rows_compare_with_the_direct_merge_at_the_same_sliders_and_report_what_they_keep(recipe):
+    rng = np.random.default_rng(1)
+
+    def scores(level):
+        return {m: rng.normal(0.0, 0.01, 8) + level for m in recipe.METRICS}
+
+    data = {f"pair{i}": {"direct_app_1_1_1": scores(0.2), "zipq_app_1_1_1": scores(0.3), "direct_app": scores(0.1),
+                         "subject_only_app": scores(0.4), "style_only_app": scores(0.6)} for i in range(2)}
+    result = recipe.report(data, ["direct", "zipq"], resamples=100)
+    assert set(result["differences"]) == {"zipq_app_1_1_1 - direct_app_1_1_1"}  # paired at the same sliders only
+    diff = result["differences"]["zipq_app_1_1_1 - direct_app_1_1_1"]["style_fidelity"]["mean"]
+    assert diff == pytest.approx(0.1, abs=0.02)
+    keeps = result["keeps"]["zipq_app_1_1_1"]
+    assert keeps["subject_fidelity"] == pytest.approx(0.3 / 0.4, abs=0.05)
+    assert keeps["style_fidelity"] == pytest.approx(0.3 / 0.6, abs=0.05)
+    assert "subject_only_app" not in result["keeps"] and "subject_only_app" in result["rows"]
+    assert "| zipq_app_1_1_1 |" in recipe.markdown(result) and "×" in recipe.markdown(result)
