@@ -52,6 +52,7 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
 DEFAULT_TARGETS: tuple[str, ...] = TARGET_PRESETS["full"]
 MAX_STRENGTH = 1.5
 MAX_CANDIDATES = 8  # images generated per returned image (GenerateConfig.candidates)
+TRAIN_SAMPLE_STEPS = 20  # denoising steps of a training preview and of a prior-preservation class image
 
 # Tokens reach file names (downloads) and prompts: letters, digits, '_' and '-' only, so no token can name a
 # folder ('/', '..') or smuggle words into a prompt. Class nouns reach prompts only, as plain printable text.

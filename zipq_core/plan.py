@@ -7,7 +7,8 @@ convolution, projection and attention product at the exact size asked for (atten
 pixels, so a 2048 px request on a 64 px model is ~14,000× one at 64 px, not 1,000×). One timed pass at the
 model's native size on the real device turns FLOPs into seconds (`Speed`). Each stage's estimate is then
 passes × FLOPs per pass / throughput:
-- training: per step, batch × (2 with prior preservation) samples, forward + backward ≈ 3 forwards;
+- training: per step, batch × (2 with prior preservation) samples, forward + backward ≈ 3 forwards; each preview
+  (every `sample_every` steps) and each prior-preservation class image a guided generation and a decode;
 - merging (learned): per step and concept, batch × (1 teacher forward + 1 merged forward and backward);
 - generating: rounds (candidates) × steps × images × 2 (classifier-free guidance) forwards, a VAE decode per
   image and round, and the judges' 2 × levels × noises forwards per candidate.
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .config import GenerateConfig, MergeConfig, TrainConfig
+from .config import TRAIN_SAMPLE_STEPS, GenerateConfig, MergeConfig, TrainConfig
 
 _FLOPS: dict[tuple, float] = {}
 _FLOPS_LOCK = threading.Lock()
@@ -116,12 +117,13 @@ def measure_speed(base, repeats: int = 2) -> Speed:
 
 
 def train_seconds(base, cfg: TrainConfig, speed: Speed) -> float:
-    """Estimated seconds of a training (from step 0) on this device."""
+    """Estimated seconds of a training (from step 0) on this device, its previews included."""
+    pass_flops = unet_flops(base, cfg.resolution, cfg.resolution)
     samples = cfg.batch_size * (2 if cfg.prior_preservation else 1)
-    step = samples * TRAIN_PASSES * unet_flops(base, cfg.resolution, cfg.resolution)
-    prior = cfg.num_class_images * 20 * 2 * unet_flops(base, cfg.resolution, cfg.resolution) \
-        if cfg.prior_preservation else 0.0
-    return SETUP_S + speed.seconds(cfg.steps * step + prior)
+    image = TRAIN_SAMPLE_STEPS * 2 * pass_flops + decode_flops(base, cfg.resolution, cfg.resolution)  # guided
+    images = (cfg.num_class_images if cfg.prior_preservation else 0) \
+        + (cfg.steps // cfg.sample_every if cfg.sample_every else 0)  # class images, previews
+    return SETUP_S + speed.seconds(cfg.steps * samples * TRAIN_PASSES * pass_flops + images * image)
 
 
 def merge_seconds(base, cfg: MergeConfig, speed: Speed) -> float:

@@ -4,11 +4,12 @@ that cannot fit is refused before it starts, with what to lower."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from zipq_core import TrainConfig, ZipqError, load_adapter, load_base, plan, train_adapter
-from zipq_core.config import DataConfig, GenerateConfig, MergeConfig
+from zipq_core.config import TRAIN_SAMPLE_STEPS, DataConfig, GenerateConfig, MergeConfig
 from zipq_core.data import prepare_images
 from zipq_core.generation import generate
 from zipq_core.merge import merge_adapters
@@ -94,6 +95,20 @@ def test_a_job_that_cannot_fit_is_refused_naming_what_to_lower(mini):
     roomy = plan.plan_memory(mini, "train", train=TrainConfig.for_family("mini", class_noun="thing"), device_gb=80)
     assert roomy.fits
     plan.check_fits(roomy)
+
+
+def test_the_training_estimate_counts_its_previews_and_class_images(mini):
+    """A preview (every `sample_every` steps) and a class image each cost a guided generation and a decode: a
+    300-step style with 100 previews spends most of its time on them, and the budget must know it."""
+    speed = plan.Speed(1e9)
+    cfg = TrainConfig.for_family("mini", class_noun="thing", steps=300, sample_every=0)
+    image = speed.seconds(2 * TRAIN_SAMPLE_STEPS * plan.unet_flops(mini, 64, 64) + plan.decode_flops(mini, 64, 64))
+    quiet = plan.train_seconds(mini, cfg, speed)
+    assert plan.train_seconds(mini, replace(cfg, sample_every=3), speed) == pytest.approx(quiet + 100 * image)
+    assert plan.train_seconds(mini, replace(cfg, sample_every=301), speed) == pytest.approx(quiet)  # never reached
+    prior = replace(cfg, prior_preservation=True, num_class_images=12)
+    step = speed.seconds(cfg.batch_size * plan.TRAIN_PASSES * plan.unet_flops(mini, 64, 64))
+    assert plan.train_seconds(mini, prior, speed) == pytest.approx(quiet + 300 * step + 12 * image)
 
 
 def test_checkpointing_and_quantizing_lower_the_plan_on_a_full_size_unet():

@@ -24,7 +24,7 @@ from PIL import Image
 
 from ..adapters import Adapter, LoraLayer, save_adapter, save_training_views
 from ..base import BaseModel, out_of_memory
-from ..config import TrainConfig
+from ..config import TRAIN_SAMPLE_STEPS, TrainConfig
 from ..data import ImageSet
 from ..encode import (
     Conditioning,
@@ -96,8 +96,8 @@ def class_images(base: BaseModel, cfg: TrainConfig, cache_dir: Path) -> list[Ima
     cache_dir.mkdir(parents=True, exist_ok=True)
     have = sorted(cache_dir.glob("*.png"))
     for i in range(len(have), cfg.num_class_images):
-        gen_cfg = GenerateConfig(prompt=cfg.class_prompt, seed=10_000 + i, steps=20, width=cfg.resolution,
-                                 height=cfg.resolution)
+        gen_cfg = GenerateConfig(prompt=cfg.class_prompt, seed=10_000 + i, steps=TRAIN_SAMPLE_STEPS,
+                                 width=cfg.resolution, height=cfg.resolution)
         generate(base, gen_cfg)[0].save(cache_dir / f"class_{i:04d}.png")
     return [Image.open(p).convert("RGB") for p in sorted(cache_dir.glob("*.png"))[: cfg.num_class_images]]
 
@@ -187,8 +187,8 @@ def _sample(base: BaseModel, cfg: TrainConfig, step: int) -> Image.Image:
     base.text_encoders_on_device(True)
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
     with torch.no_grad():
-        image = base.pipe(prompt=cfg.instance_prompt, num_inference_steps=20, generator=gen, width=cfg.resolution,
-                          height=cfg.resolution, guidance_scale=5.0).images[0]
+        image = base.pipe(prompt=cfg.instance_prompt, num_inference_steps=TRAIN_SAMPLE_STEPS, generator=gen,
+                          width=cfg.resolution, height=cfg.resolution, guidance_scale=5.0).images[0]
     base.text_encoders_on_device(False)
     base.unet.train()
     return image
