@@ -163,8 +163,9 @@ def load_scores(work: Path, variants: list[str]) -> dict:
 
 
 def report(scores: dict, variants: list[str], resamples: int) -> dict:
-    """Per variant and row: means with intervals, the paired difference to the direct merge's same row, and (with
-    the single adapters' rows) the fraction of each single adapter's fidelity the row keeps (ratio of means)."""
+    """Per variant and row: means with intervals; paired differences to the direct merge's same row and, for a
+    slider row, to the variant's row at the default sliders; and (with the single adapters' rows) the fraction of
+    each single adapter's fidelity the row keeps (ratio of means)."""
     names = {name for pair in scores.values() for name in pair}
     table, diffs, keeps = {}, {}, {}
     for variant in (*SINGLES, *variants):
@@ -172,12 +173,14 @@ def report(scores: dict, variants: list[str], resamples: int) -> dict:
             row = row_of(variant, name)
             keys = [p for p in scores if name in scores[p]]
             table[name] = {m: bootstrap([scores[p][name][m] for p in keys], resamples) for m in METRICS}
-            base_name = f"direct_{row}"
-            paired = [p for p in keys if base_name in scores[p]]
-            if variant not in ("direct", *SINGLES) and paired:
-                diffs[f"{name} - {base_name}"] = {
-                    m: bootstrap([scores[p][name][m] - scores[p][base_name][m] for p in paired], resamples)
-                    for m in METRICS}
+            # against the direct merge at the same sliders, and another slider row against the default's
+            for other in ([f"direct_{row}"] if variant not in ("direct", *SINGLES) else []) \
+                    + ([f"{variant}_app"] if row.startswith("app_") else []):
+                paired = [p for p in keys if other in scores[p]]
+                if paired:
+                    diffs[f"{name} - {other}"] = {
+                        m: bootstrap([scores[p][name][m] - scores[p][other][m] for p in paired], resamples)
+                        for m in METRICS}
     for name in (n for n in table if n not in {f"{single}_app" for single in SINGLES}):
         keeps[name] = {f"{kind}_fidelity": round(table[name][f"{kind}_fidelity"]["mean"]
                                                  / table[f"{kind}_only_app"][f"{kind}_fidelity"]["mean"], 3)
@@ -187,7 +190,7 @@ def report(scores: dict, variants: list[str], resamples: int) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| variant − direct (same row) | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    lines = ["| paired difference | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     lines += [f"| {name} | " + " | ".join(f"{v[m]['mean']:+.3f} [{v[m]['low']:+.3f}, {v[m]['high']:+.3f}]"
                                           for m in METRICS) + " |" for name, v in result["differences"].items()]
     lines += ["", "| row | " + " | ".join(FIDELITY) + " | subject_id | style_id | keeps (subject / style) |",

@@ -69,7 +69,10 @@ def test_slider_rows_compare_with_the_direct_merge_at_the_same_sliders_and_repor
     data = {f"pair{i}": {"direct_app_1_1_1": scores(0.2), "zipq_app_1_1_1": scores(0.3), "direct_app": scores(0.1),
                          "subject_only_app": scores(0.4), "style_only_app": scores(0.6)} for i in range(2)}
     result = recipe.report(data, ["direct", "zipq"], resamples=100)
-    assert set(result["differences"]) == {"zipq_app_1_1_1 - direct_app_1_1_1"}  # paired at the same sliders only
+    # paired with the direct merge at the same sliders, and with the same merge at the default sliders
+    assert set(result["differences"]) == {"zipq_app_1_1_1 - direct_app_1_1_1", "direct_app_1_1_1 - direct_app"}
+    assert result["differences"]["direct_app_1_1_1 - direct_app"]["subject_fidelity"]["mean"] \
+        == pytest.approx(0.1, abs=0.02)
     diff = result["differences"]["zipq_app_1_1_1 - direct_app_1_1_1"]["style_fidelity"]["mean"]
     assert diff == pytest.approx(0.1, abs=0.02)
     keeps = result["keeps"]["zipq_app_1_1_1"]
