@@ -5,10 +5,11 @@ recipe is below direct on subject fidelity. A recipe may only be chosen on the t
 runs the test protocol's rows for recipe variants on the tuning split's pairs (``concepts.pairs("tuning", n)``),
 scored by the same judge against the tuning concepts' references:
 
-- per pair: the two concepts' example sets (5 subject, 3 style images), a subject and a style DoRA with the core's
-  defaults (300 steps), then per variant a merge and two rows of 32 images from the fidelity benchmark's prompts:
-  ``app`` (``config.Sliders``, the hand-off, best of mini's candidates: as the app generates) and ``file`` (the
-  merged file alone at 1 / 1, one candidate: what other tools get);
+- per pair: the two concepts' example sets (5 subject, 3 style images), a subject and a style DoRA (300 steps at a
+  constant rate unless told otherwise), then per variant a merge and two rows of 32 images from the fidelity
+  benchmark's prompts: ``app_S_T_D`` at the default ``config.Sliders`` (subject S, style T, subject detail D; the
+  hand-off, best of mini's candidates: as the app generates; runs before the rows were named by their sliders
+  called it ``app``) and ``file`` (the merged file alone at 1 / 1, one candidate: what other tools get);
 - every variant's rows come from the same adapters, prompts and seeds, so variant − direct is a paired difference.
 
 ``--sliders S/T/D,…`` adds an app row per variant at each of those generation sliders (subject strength, style
@@ -68,9 +69,15 @@ VARIANTS: dict[str, dict] = {
     "zipq_keep3": {"keep_subject": 3.0},
     "zipq_keep10": {"keep_subject": 10.0},
 }
-ROWS = ("app", "file")
+ROWS = ("app", "file")  # "app": a single adapter's row, or a merge's at the sliders of the time (older runs)
 SINGLES = ("subject_only", "style_only")  # pseudo-variants: one adapter at strength 1, an app row only
 SEED = 0
+
+
+def slider_row(sliders: Sliders) -> str:
+    """The app row generated at these sliders: "app_<subject>_<style>_<detail>" (the default's too, so that a
+    row stays what it was when the defaults change)."""
+    return "app_" + "_".join(f"{v:g}" for v in (sliders.subject, sliders.style, sliders.subject_detail))
 
 
 def slider_rows(text: str) -> dict[str, Sliders]:
@@ -80,7 +87,8 @@ def slider_rows(text: str) -> dict[str, Sliders]:
         values = [float(v) for v in item.split("/")]
         if len(values) != 3:
             raise SystemExit(f"--sliders takes subject/style/detail triples, not {item!r}")
-        out["app_" + "_".join(f"{v:g}" for v in values)] = Sliders(*values)
+        sliders = Sliders(*values)
+        out[slider_row(sliders)] = sliders
     return out
 
 
@@ -105,7 +113,7 @@ def run_pair(base, pair: int, variants: list[str], args) -> None:
                             style_steps=args.style_steps, lr_schedule=args.lr_schedule)
     groups = prompts(pair, SEED, args.images)
     best_of = FAMILY_DEFAULTS["mini"].candidates
-    app_rows = {"app": Sliders(), **slider_rows(args.sliders)}
+    app_rows = {slider_row(Sliders()): Sliders(), **slider_rows(args.sliders)}
     defaults = argparse.Namespace(merge_steps=MergeConfig.steps, merge_lr=MergeConfig.learning_rate)
 
     def done(name: str) -> bool:
@@ -167,6 +175,7 @@ def report(scores: dict, variants: list[str], resamples: int) -> dict:
     slider row, to the variant's row at the default sliders; and (with the single adapters' rows) the fraction of
     each single adapter's fidelity the row keeps (ratio of means)."""
     names = {name for pair in scores.values() for name in pair}
+    default = slider_row(Sliders())
     table, diffs, keeps = {}, {}, {}
     for variant in (*SINGLES, *variants):
         for name in sorted(n for n in names if row_of(variant, n)):
@@ -175,7 +184,7 @@ def report(scores: dict, variants: list[str], resamples: int) -> dict:
             table[name] = {m: bootstrap([scores[p][name][m] for p in keys], resamples) for m in METRICS}
             # against the direct merge at the same sliders, and another slider row against the default's
             for other in ([f"direct_{row}"] if variant not in ("direct", *SINGLES) else []) \
-                    + ([f"{variant}_app"] if row.startswith("app_") else []):
+                    + ([f"{variant}_{default}"] if row.startswith("app_") and row != default else []):
                 paired = [p for p in keys if other in scores[p]]
                 if paired:
                     diffs[f"{name} - {other}"] = {

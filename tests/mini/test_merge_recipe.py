@@ -66,12 +66,16 @@ def test_slider_rows_compare_with_the_direct_merge_at_the_same_sliders_and_repor
     def scores(level):
         return {m: rng.normal(0.0, 0.01, 8) + level for m in recipe.METRICS}
 
-    data = {f"pair{i}": {"direct_app_1_1_1": scores(0.2), "zipq_app_1_1_1": scores(0.3), "direct_app": scores(0.1),
-                         "subject_only_app": scores(0.4), "style_only_app": scores(0.6)} for i in range(2)}
+    app = recipe.Sliders()
+    default = recipe.slider_row(app)
+    assert default == f"app_{app.subject:g}_{app.style:g}_{app.subject_detail:g}" and default != "app_1_1_1"
+    data = {f"pair{i}": {"direct_app_1_1_1": scores(0.2), "zipq_app_1_1_1": scores(0.3), f"direct_{default}":
+                         scores(0.1), "subject_only_app": scores(0.4), "style_only_app": scores(0.6)}
+            for i in range(2)}
     result = recipe.report(data, ["direct", "zipq"], resamples=100)
     # paired with the direct merge at the same sliders, and with the same merge at the default sliders
-    assert set(result["differences"]) == {"zipq_app_1_1_1 - direct_app_1_1_1", "direct_app_1_1_1 - direct_app"}
-    assert result["differences"]["direct_app_1_1_1 - direct_app"]["subject_fidelity"]["mean"] \
+    assert set(result["differences"]) == {"zipq_app_1_1_1 - direct_app_1_1_1", f"direct_app_1_1_1 - direct_{default}"}
+    assert result["differences"][f"direct_app_1_1_1 - direct_{default}"]["subject_fidelity"]["mean"] \
         == pytest.approx(0.1, abs=0.02)
     diff = result["differences"]["zipq_app_1_1_1 - direct_app_1_1_1"]["style_fidelity"]["mean"]
     assert diff == pytest.approx(0.1, abs=0.02)
