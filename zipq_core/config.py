@@ -511,17 +511,20 @@ class GenerateConfig:
 class Sliders:
     """How to generate from a merged adapter: the app's, the CLI's and the benchmark's defaults.
 
-    The subject part decides the layout at high noise; left at full strength in the late steps it paints its
-    training images' flat fill over the style's texture, hence `subject_detail`. Which initial noise an image
-    starts from matters more than any slider (a large shape shows its texture, a thin one cannot), hence
-    candidates (FamilyDefaults.candidates): each image is the best of several, picked by the two parts.
-    How these values were chosen, on which seeds, is in bench/README.md (merge sliders, candidate rules).
+    The subject part decides the layout at high noise; left at full strength in the late steps it can paint its
+    training images' flat fill over the style's texture, hence `subject_detail` (its strength below the hand-off).
+    Which initial noise an image starts from matters more than any slider (a large shape shows its texture, a thin
+    one cannot), hence candidates (FamilyDefaults.candidates): each image is the best of several, picked by the two
+    parts. The defaults (subject 1.5, style 1, constant strengths: the merged file at those weights, as other tools
+    load it) were chosen on the tuning split with mini's current adapters (bench/results/merge_sliders_3000.md, by
+    a rule set before the runs); the earlier 1.5 / 1.5 with detail 0.5 suited 300-step subjects and now trades
+    their subject away. How and on which seeds: bench/README.md (merge sliders, candidate rules).
     """
 
     subject: float = field(default=1.5, metadata=_help("The merge's subject part strength (0 = off, 1 = as "
                                                          "trained, up to 1.5).", name="--subject-strength"))
-    style: float = field(default=1.5, metadata=_help("The merge's style part strength.", name="--style-strength"))
-    subject_detail: float = field(default=0.5, metadata=_help(
+    style: float = field(default=1.0, metadata=_help("The merge's style part strength.", name="--style-strength"))
+    subject_detail: float = field(default=1.0, metadata=_help(
         "The subject part's strength below the hand-off, as a fraction of its strength (1 = constant strengths, "
         "as the merged file gives in other tools)."))
 

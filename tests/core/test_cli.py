@@ -78,16 +78,18 @@ def test_generate_merged_sliders(trained, tmp_path):
     _cli("generate", *common, "--out", str(tmp_path / "base.png"))
     _cli("generate", "--merged", str(tmp_path / "m"), "--subject-strength", "0", "--style-strength", "0", *common,
          "--out", str(tmp_path / "zero.png"))
-    _cli("generate", "--merged", str(tmp_path / "m"), "--subject-detail", "1", "--candidates", "1", *common,
-         "--out", str(tmp_path / "constant.png"))
-    summary = json.loads(_cli("generate", "--merged", str(tmp_path / "m"), "--candidates", "1", *common,
-                              "--out", str(tmp_path / "detail.png")).stdout)
+    defaults = json.loads(_cli("generate", "--merged", str(tmp_path / "m"), "--candidates", "1", *common,
+                               "--out", str(tmp_path / "constant.png")).stdout)
+    summary = json.loads(_cli("generate", "--merged", str(tmp_path / "m"), "--subject-detail", "0.5", "--candidates",
+                              "1", *common, "--out", str(tmp_path / "detail.png")).stdout)
     base, zero, constant, detail = (np.asarray(Image.open(tmp_path / f"{n}.png"))
                                     for n in ("base", "zero", "constant", "detail"))
     assert np.array_equal(base, zero)
     assert not np.array_equal(constant, detail) and not np.array_equal(base, detail)
     assert summary["merged"]["subject_detail"] == 0.5 and summary["candidates"] == 1
-    from zipq_core.config import FAMILY_DEFAULTS
+    from zipq_core.config import FAMILY_DEFAULTS, Sliders
+
+    assert defaults["merged"]["subject_detail"] == Sliders.subject_detail == 1.0  # constant strengths by default
 
     picked = json.loads(_cli("generate", "--merged", str(tmp_path / "m"), *common,
                              "--out", str(tmp_path / "picked.png")).stdout)
