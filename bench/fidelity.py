@@ -56,6 +56,25 @@ MERGES = ["direct", "zip", "zipq", "ties", "dare", "blora"]  # methods that writ
 # K-LoRA chooses each layer's adapter anew at every step: generated from the two adapters, no file, no file row.
 LIVE = ["klora"] if importlib.util.find_spec("zipq_core.merge.klora") else []
 ROWS = ["subject_only", "style_only", *MERGES, *LIVE, *(f"{m}_file" for m in MERGES)]
+
+
+def shard_rows(methods: list[str]) -> list[str]:
+    """A shard's rows with only these methods (``--methods``; the protocol: all of them), in ROWS' order."""
+    return [r for r in ROWS if r.endswith("_only") or r.removesuffix("_file") in methods]
+
+
+def check_methods(shards: Path, methods: list[str]) -> None:
+    """One folder, one set of methods: a shard of fewer methods is finished for its folder only (``--methods``)."""
+    unknown = [m for m in methods if m not in MERGES + LIVE]
+    if unknown or not methods:
+        raise SystemExit(f"--methods {','.join(methods)}: choose from {', '.join(MERGES + LIVE)}")
+    path = shards / "methods.json"
+    recorded = json.loads(path.read_text())["methods"] if path.is_file() else MERGES + LIVE
+    if sorted(recorded) != sorted(methods) and (path.is_file() or any(shards.glob("*__*__seed*.json"))):
+        raise SystemExit(f"{shards} holds shards of the methods {', '.join(recorded)}; give these methods a new "
+                         "--shards folder.")
+    if methods != MERGES + LIVE:
+        path.write_text(json.dumps({"methods": methods}) + "\n")
 COMPARISONS = [("zipq", "direct"), ("zipq", "klora"), ("zipq_file", "direct_file"), ("zipq", "subject_only"),
                ("zipq", "style_only")]
 METRICS = ["subject_fidelity", "style_fidelity", "subject_id", "style_id", "text"]
@@ -173,19 +192,21 @@ def run_shard(base, pair: int, seed: int, args, shards: Path) -> Path:
     rows_dir = work / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    dirs = concept_adapters(base, subject, style, seed, work, ("dora", "lora"), steps=args.steps,
-                            style_steps=args.style_steps, learning_rate=args.lr, lr_schedule=args.lr_schedule)
-    merged = {m: merge(base, m, dirs, seed, args, work / f"merged_{m}") for m in MERGES}
+    rows = shard_rows(args.methods)
+    dirs = concept_adapters(base, subject, style, seed, work, ("dora", "lora") if "zip" in rows else ("dora",),
+                            steps=args.steps, style_steps=args.style_steps, learning_rate=args.lr,
+                            lr_schedule=args.lr_schedule)
+    merged = {m: merge(base, m, dirs, seed, args, work / f"merged_{m}") for m in MERGES if m in rows}
     groups = prompts(pair, seed, args.images)
-    for row in ROWS:
+    for row in rows:
         path = rows_dir / f"{row}.npy"
         if path.is_file():
             continue
         adapters, candidates, schedule = row_adapters(base, row, dirs, merged)
         save_row(path, sample(base, groups, seed, args.images, adapters, candidates, schedule))
         print(f"{name}: {row} done at {time.time() - started:.0f} s", file=sys.stderr, flush=True)
-    np.savez_compressed(shards / f"{name}.npz", **{row: np.load(rows_dir / f"{row}.npy") for row in ROWS})
-    meta = {"subject": subject.name, "style": style.name, "pair": pair, "seed": seed, "rows": ROWS,
+    np.savez_compressed(shards / f"{name}.npz", **{row: np.load(rows_dir / f"{row}.npy") for row in rows})
+    meta = {"subject": subject.name, "style": style.name, "pair": pair, "seed": seed, "rows": rows,
             "groups": [{"colour": c, "background": b, "prompt": PROMPT.format(colour=c, background=b)}
                        for c, b in groups], "images": args.images,
             "merges": {m: {k: v for k, v in info.items() if k != "dir"} for m, info in merged.items()},
@@ -280,6 +301,7 @@ def run_shards(args) -> None:
     else:
         todo = [t for t in tasks if not (args.shards / f"{shard_name(*t)}.json").is_file()]
     print(f"{len(todo)} shards to run", file=sys.stderr, flush=True)
+    check_methods(args.shards, args.methods)
     base = load_mini_base(args.mini)
     check_mini(args.shards, mini_fingerprint(base))
     for pair, seed in todo:
@@ -445,6 +467,9 @@ def main() -> None:
     parser.add_argument("--merge-steps", type=int, default=100)
     parser.add_argument("--merge-lr", type=float, default=3e-3)
     parser.add_argument("--images", type=int, default=32, help="images per row and shard (groups of 8 per prompt)")
+    parser.add_argument("--methods", type=lambda text: [m for m in text.split(",") if m], default=MERGES + LIVE,
+                        help="only these merge methods (comma-separated; their own --shards folder): a quick look, "
+                             "not the protocol")
     parser.add_argument("--add", default=None, metavar="LABEL",
                         help="add rows LABEL and LABEL_file of another ZipQDoRA recipe to every finished shard")
     parser.add_argument("--recipe", default="", help="that recipe's MergeConfig fields: lam=0,balance=relative")

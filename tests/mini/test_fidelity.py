@@ -167,6 +167,7 @@ def test_run_shards_resumes_past_finished_shards(fidelity, tmp_path, monkeypatch
 
     class Args:
         shards, part, seeds, per_concept, mini, add, recipe = tmp_path, "1/2", 1, 2, None, None, ""
+        methods = fidelity.MERGES + fidelity.LIVE
 
     fidelity.run_shards(Args)
     assert ran == [(4, 0), (6, 0), (8, 0), (10, 0)]
@@ -244,6 +245,7 @@ def test_a_shard_resumes_its_rows_and_writes_its_json_last(fidelity, tmp_path, m
 
     class Args:
         images, steps, style_steps, lr, lr_schedule = 3, 4, 2, 1e-3, "constant"
+        methods = fidelity.MERGES + fidelity.LIVE
 
     name = fidelity.shard_name(5, 0)
     with pytest.raises(KeyboardInterrupt):
@@ -256,6 +258,40 @@ def test_a_shard_resumes_its_rows_and_writes_its_json_last(fidelity, tmp_path, m
     data = np.load(tmp_path / f"{name}.npz")
     assert meta["rows"] == fidelity.ROWS and all(data[row].shape == (3, 64, 64, 3) for row in fidelity.ROWS)
     assert data[fidelity.ROWS[3]][0, 0, 0, 0] == 4 and not (tmp_path / "work" / name).exists()
+
+
+def test_a_quick_look_with_fewer_methods_keeps_to_its_own_folder(fidelity, tmp_path, monkeypatch):
+    """--methods direct,zipq: the single adapters, those merges and their files; DoRAs only (no ZipLoRA); and a folder
+    of such shards never mixes with the protocol's (its shards would count as finished there)."""
+    assert fidelity.shard_rows(["direct", "zipq"]) == ["subject_only", "style_only", "direct", "zipq", "direct_file",
+                                                       "zipq_file"]
+    assert fidelity.shard_rows(fidelity.MERGES + fidelity.LIVE) == fidelity.ROWS
+    trained, merged = [], []
+    monkeypatch.setattr(fidelity, "train_concept_adapter",
+                        lambda base, kind, folder, out, **settings: trained.append(out.name) or out)
+    monkeypatch.setattr(fidelity, "merge", lambda base, method, dirs, seed, args, out: merged.append(method) or {})
+    monkeypatch.setattr(fidelity, "row_adapters", lambda base, row, dirs, m: (row, 1, None))
+    monkeypatch.setattr(fidelity, "sample", lambda base, groups, seed, images, adapters, candidates, schedule=None:
+                        np.zeros((images, 64, 64, 3), np.uint8))
+
+    class Args:
+        images, steps, style_steps, lr, lr_schedule, methods = 2, 4, 2, 1e-3, "constant", ["direct", "zipq"]
+
+    fidelity.check_methods(tmp_path, Args.methods)
+    meta = json.loads(fidelity.run_shard(None, 0, 0, Args, tmp_path).read_text())
+    assert meta["rows"] == fidelity.shard_rows(Args.methods) and merged == ["direct", "zipq"]
+    assert sorted(trained) == ["style_dora", "subject_dora"]
+    fidelity.check_methods(tmp_path, ["zipq", "direct"])  # the same methods resume
+    with pytest.raises(SystemExit, match="new --shards folder"):
+        fidelity.check_methods(tmp_path, fidelity.MERGES + fidelity.LIVE)
+    protocol = tmp_path / "protocol"
+    protocol.mkdir()
+    (protocol / f"{fidelity_name(0)}.json").write_text("{}")
+    with pytest.raises(SystemExit, match="new --shards folder"):
+        fidelity.check_methods(protocol, ["direct", "zipq"])
+    fidelity.check_methods(protocol, fidelity.MERGES + fidelity.LIVE)  # the protocol's own folder resumes
+    with pytest.raises(SystemExit, match="choose from"):
+        fidelity.check_methods(tmp_path / "new", ["direct", "zipq_typo"])
 
 
 def test_a_shards_folder_holds_one_minis_shards(fidelity, tmp_path):
