@@ -171,9 +171,9 @@ def load_scores(work: Path, variants: list[str]) -> dict:
 
 
 def report(scores: dict, variants: list[str], resamples: int) -> dict:
-    """Per variant and row: means with intervals; paired differences to the direct merge's same row and, for a
-    slider row, to the variant's row at the default sliders; and (with the single adapters' rows) the fraction of
-    each single adapter's fidelity the row keeps (ratio of means)."""
+    """Per variant and row: means with intervals; paired differences to the direct merge's same row (and a recipe's
+    to the default zipq's), and, for a slider row, to the variant's row at the default sliders; and (with the
+    single adapters' rows) the fraction of each single adapter's fidelity the row keeps (ratio of means)."""
     names = {name for pair in scores.values() for name in pair}
     default = slider_row(Sliders())
     table, diffs, keeps = {}, {}, {}
@@ -182,8 +182,10 @@ def report(scores: dict, variants: list[str], resamples: int) -> dict:
             row = row_of(variant, name)
             keys = [p for p in scores if name in scores[p]]
             table[name] = {m: bootstrap([scores[p][name][m] for p in keys], resamples) for m in METRICS}
-            # against the direct merge at the same sliders, and another slider row against the default's
+            # against the direct merge (and a recipe against the default zipq) at the same sliders, and another
+            # slider row against the default's
             for other in ([f"direct_{row}"] if variant not in ("direct", *SINGLES) else []) \
+                    + ([f"zipq_{row}"] if variant not in ("direct", "zipq", *SINGLES) else []) \
                     + ([f"{variant}_{default}"] if row.startswith("app_") and row != default else []):
                 paired = [p for p in keys if other in scores[p]]
                 if paired:

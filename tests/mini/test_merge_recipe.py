@@ -84,3 +84,9 @@ def test_slider_rows_compare_with_the_direct_merge_at_the_same_sliders_and_repor
     assert keeps["style_fidelity"] == pytest.approx(0.3 / 0.6, abs=0.05)
     assert "subject_only_app" not in result["keeps"] and "subject_only_app" in result["rows"]
     assert "| zipq_app_1_1_1 |" in recipe.markdown(result) and "×" in recipe.markdown(result)
+    for pair in data.values():  # a recipe is compared with the direct merge and with the default ZipQDoRA
+        pair["zipq_keep10_app_1_1_1"] = {m: v + 0.05 for m, v in pair["zipq_app_1_1_1"].items()}
+    result = recipe.report(data, ["direct", "zipq", "zipq_keep10"], resamples=100)
+    assert result["differences"]["zipq_keep10_app_1_1_1 - zipq_app_1_1_1"]["subject_fidelity"]["mean"] \
+        == pytest.approx(0.05)
+    assert "zipq_keep10_app_1_1_1 - direct_app_1_1_1" in result["differences"]
