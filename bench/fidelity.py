@@ -56,8 +56,16 @@ MERGES = ["direct", "zip", "zipq", "ties", "dare", "blora"]  # methods that writ
 # K-LoRA chooses each layer's adapter anew at every step: generated from the two adapters, no file, no file row.
 LIVE = ["klora"] if importlib.util.find_spec("zipq_core.merge.klora") else []
 ROWS = ["subject_only", "style_only", *MERGES, *LIVE, *(f"{m}_file" for m in MERGES)]
+COMPARISONS = [("zipq", "direct"), ("zipq", "klora"), ("zipq_file", "direct_file"), ("zipq", "subject_only"),
+               ("zipq", "style_only")]
+METRICS = ["subject_fidelity", "style_fidelity", "subject_id", "style_id", "text"]
+FIDELITY = METRICS[:2]
+PER_PAIR = [("zipq", "direct"), ("zipq_file", "direct_file")]  # the report's per-pair table: where the means come from
+PROMPT = "a photo of a {colour} sks shape in zkz style on a {background} background"
+GROUP = 8  # images per prompt (one GenerateConfig batch)
 
 
+# ------------------------------------------------------------------------------------------------ shards
 def shard_rows(methods: list[str]) -> list[str]:
     """A shard's rows with only these methods (``--methods``; the protocol: all of them), in ROWS' order."""
     return [r for r in ROWS if r.endswith("_only") or r.removesuffix("_file") in methods]
@@ -75,16 +83,8 @@ def check_methods(shards: Path, methods: list[str]) -> None:
                          "--shards folder.")
     if methods != MERGES + LIVE:
         path.write_text(json.dumps({"methods": methods}) + "\n")
-COMPARISONS = [("zipq", "direct"), ("zipq", "klora"), ("zipq_file", "direct_file"), ("zipq", "subject_only"),
-               ("zipq", "style_only")]
-METRICS = ["subject_fidelity", "style_fidelity", "subject_id", "style_id", "text"]
-FIDELITY = METRICS[:2]
-PER_PAIR = [("zipq", "direct"), ("zipq_file", "direct_file")]  # the report's per-pair table: where the means come from
-PROMPT = "a photo of a {colour} sks shape in zkz style on a {background} background"
-GROUP = 8  # images per prompt (one GenerateConfig batch)
 
 
-# ------------------------------------------------------------------------------------------------ shards
 def all_pairs() -> list[tuple]:
     """Every test (subject, style) pair; a pair's index here names its shard and draws its prompts."""
     return concepts.pairs("test", len(concepts.split("test").styles))

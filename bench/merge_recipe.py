@@ -47,6 +47,7 @@ from fidelity import (
     merge,
     my_tasks,
     prompts,
+    row_adapters,
     sample,
     save_row,
     score_images,
@@ -124,8 +125,8 @@ def run_pair(base, pair: int, variants: list[str], args) -> None:
         print(f"{work.name}: {name} done at {time.time() - started:.0f} s", file=sys.stderr, flush=True)
 
     for single in SINGLES if args.singles else ():
-        if not done(f"{single}_app"):
-            generate_row(f"{single}_app", [(load_adapter(dirs[f"{single.split('_')[0]}_dora"]), 1.0)], best_of)
+        if not done(f"{single}_app"):  # the test protocol's own row: the adapter at 1 with the app's candidates
+            generate_row(f"{single}_app", *row_adapters(base, single, dirs, {})[:2])
     for variant in variants:
         names = [f"{variant}_{row}" for row in (*app_rows, "file")]
         if all(done(n) for n in names):
@@ -178,8 +179,10 @@ def report(scores: dict, variants: list[str], resamples: int) -> dict:
     default = slider_row(Sliders())
     table, diffs, keeps = {}, {}, {}
     for variant in (*SINGLES, *variants):
-        for name in sorted(n for n in names if row_of(variant, n)):
+        for name in sorted(names):
             row = row_of(variant, name)
+            if row is None:
+                continue
             keys = [p for p in scores if name in scores[p]]
             table[name] = {m: bootstrap([scores[p][name][m] for p in keys], resamples) for m in METRICS}
             # against the direct merge (and a recipe against the default zipq) at the same sliders, and another
