@@ -66,6 +66,7 @@ VARIANTS: dict[str, dict] = {
     "zipq_lam0.1": {"lam": 0.1},
     "zip_dora": {"method": "zip"},  # ZipLoRA's column mergers on the DoRA directions, magnitudes kept
     "zipq_relative": {"balance": "relative"},  # each reconstruction term relative to its adapter's effect
+    "zipq_geometric": {"balance": "geometric"},  # each reconstruction term relative to its own current value
     "zipq_keep": {"keep_subject": 1.0},  # the subject's images under the combined prompt stay the subject
     "zipq_keep3": {"keep_subject": 3.0},
     "zipq_keep10": {"keep_subject": 10.0},

@@ -29,6 +29,7 @@ MergeMethod = Literal["zipq", "zip", "direct", "ties", "dare", "blora", "klora"]
 Family = Literal["mini", "sd1", "sd2", "sdxl"]
 Arch = Literal["sd1", "sd2", "sdxl"]  # the architecture of a base: mini is an SDXL
 METHODS: tuple[str, ...] = ("zipq", "zip", "direct", "ties", "dare", "blora")
+BALANCES: tuple[str, ...] = ("plain", "relative", "geometric")  # MergeConfig.balance: the reconstruction terms' weights
 KLORA_HAS_NO_FILE = ("K-LoRA picks each layer's adapter anew at every denoising step, so there is no merged file to "
                      "write: generate with it directly, `python -m zipq_core generate --klora SUBJECT STYLE --prompt "
                      "...` (zipq_core.merge.klora.klora_generate in Python).")
@@ -417,9 +418,11 @@ class MergeConfig:
     # the lowest subject and style fidelity in each of three comparisons on mini (4 held-out pairs each).
     similarity: Literal["product", "cosine"] = field(default="cosine", metadata=_help(
         "Merger-similarity term: |cos(m_c, m_s)| (cosine, ZipLoRA's paper) or mean|m_c⊙m_s| (product)."))
-    balance: Literal["plain", "relative"] = field(default="plain", metadata=_help(
-        "Reconstruction terms: plain (ZipLoRA's sum) or relative (each divided by how far its adapter moves the "
-        "base's prediction, so a subtle subject counts as much as a strong style; two more UNet passes a step)."))
+    balance: Literal["plain", "relative", "geometric"] = field(default="plain", metadata=_help(
+        "Reconstruction terms: plain (ZipLoRA's sum), relative (each divided by how far its adapter moves the "
+        "base's prediction, so a subtle subject counts as much as a strong style; two more UNet passes a step) or "
+        "geometric (each divided by its own current value: the sum of their logarithms, so one adapter's strong "
+        "leak into the other's prompts does not outweigh the rest; no extra pass)."))
     keep_subject: float = field(default=0.0, metadata=_help(
         "Weight of a subject-keeping term: on the subject's images under the combined prompt (its caption, then "
         "'in <style token> style'), the merged prediction should match the subject adapter's on its own caption "
@@ -431,7 +434,7 @@ class MergeConfig:
         _check(self.method != "klora", KLORA_HAS_NO_FILE)
         _check(_is_number(self.keep_subject) and math.isfinite(self.keep_subject) and 0 <= self.keep_subject <= 10,
                f"keep_subject must be a number from 0 to 10 (e.g. 0.5), not {self.keep_subject}.")
-        _check(self.balance in ("plain", "relative"), f"balance must be 'plain' or 'relative', not {self.balance!r}.")
+        _check(self.balance in BALANCES, f"balance must be one of {', '.join(BALANCES)}, not {self.balance!r}.")
         _check(self.method in METHODS, f"merge method {self.method!r} is unknown: use one of {', '.join(METHODS)}.")
         _check(_is_int(self.steps) and 1 <= self.steps <= 1000,
                f"merge steps must be between 1 and 1000, not {self.steps}.")

@@ -310,7 +310,7 @@ def test_a_shards_folder_holds_one_minis_shards(fidelity, tmp_path):
 @pytest.mark.parametrize("argv, says", [
     (["--add", "direct"], "not one of the shard's rows"),
     (["--add", "keep", "--recipe", "balanse=relative"], "balanse"),
-    (["--add", "keep", "--recipe", "balance=equal"], "balance must be 'plain' or 'relative'"),
+    (["--add", "keep", "--recipe", "balance=equal"], "balance must be one of plain, relative, geometric"),
     (["--add", "keep", "--recipe", "keep_subject=-1"], "keep_subject must be"),
 ])
 def test_a_bad_add_or_recipe_stops_before_any_shard_trains(fidelity, tmp_path, monkeypatch, argv, says):

@@ -104,6 +104,14 @@ def _balance(kind: str, live: dict[str, LiveLayer], unet, noisy: list[torch.Tens
     return 2 * moved[1] / sum(moved), 2 * moved[0] / sum(moved)  # ∝ 1 / moved, averaging 1
 
 
+def geometric_weights(loss_c: torch.Tensor, loss_s: torch.Tensor) -> tuple[float, float]:
+    """The "geometric" balance: each reconstruction term divided by its own current value, rescaled so the weights
+    average 1. The step is then along ∇(log L_c + log L_s): a strong subject's leak into the style's prompts (the
+    larger term at the start) pulls the mergers no harder than a subtle style's leak into the subject's."""
+    c, s = float(loss_c.detach()) + 1e-12, float(loss_s.detach()) + 1e-12
+    return 2 * s / (c + s), 2 * c / (c + s)  # ∝ 1 / own loss, averaging 1
+
+
 def combined_captions(captions: list[str], style: Adapter) -> list[str]:
     """The subject's captions asking for the style: each caption, then "in <style token> style"."""
     token = style.info.get("token")
@@ -194,11 +202,15 @@ def learned_merge(base: BaseModel, subject: Adapter, style: Adapter, dirs: tuple
                     target_c = unet_forward(unet, noisy[0], t, batch[0][1]).float()
                     _show(live, teacher_s)
                     target_s = unet_forward(unet, noisy[1], t, batch[1][1]).float()
-                    weights = _balance(cfg.balance, live, unet, noisy, t, batch, (target_c, target_s))
+                    relative = cfg.balance == "relative"  # "geometric" weighs the terms once they are computed
+                    weights = _balance("relative" if relative else "plain", live, unet, noisy, t, batch,
+                                       (target_c, target_s))
                 _show(live, *_learned_parts(subject, style, mergers, norms))
                 pred_c = unet_forward(unet, noisy[0], t, batch[0][1]).float()
                 pred_s = unet_forward(unet, noisy[1], t, batch[1][1]).float()
                 loss_c, loss_s = F.mse_loss(pred_c, target_c), F.mse_loss(pred_s, target_s)
+                if cfg.balance == "geometric":
+                    weights = geometric_weights(loss_c, loss_s)
                 similarity = _similarity(mergers, cfg.similarity)
                 loss = weights[0] * loss_c + weights[1] * loss_s + cfg.lam * similarity
                 if combined is not None:  # the subject's images, asked for in the style: still the subject
