@@ -29,7 +29,7 @@ MergeMethod = Literal["zipq", "zip", "direct", "ties", "dare", "blora", "klora"]
 Family = Literal["mini", "sd1", "sd2", "sdxl"]
 Arch = Literal["sd1", "sd2", "sdxl"]  # the architecture of a base: mini is an SDXL
 METHODS: tuple[str, ...] = ("zipq", "zip", "direct", "ties", "dare", "blora")
-BALANCES: tuple[str, ...] = ("plain", "relative", "geometric")  # MergeConfig.balance: the reconstruction terms' weights
+BALANCES: tuple[str, ...] = ("plain", "relative", "geometric")  # MergeConfig.balance: its terms' weights
 KLORA_HAS_NO_FILE = ("K-LoRA picks each layer's adapter anew at every denoising step, so there is no merged file to "
                      "write: generate with it directly, `python -m zipq_core generate --klora SUBJECT STYLE --prompt "
                      "...` (zipq_core.merge.klora.klora_generate in Python).")

@@ -94,7 +94,8 @@ def test_a_dora_merged_with_a_lora_is_a_file_diffusers_reads_exactly(adapters, t
     assert (theirs - merged_model).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("similarity,balance", [("product", "plain"), ("cosine", "plain"), ("cosine", "relative")])
+@pytest.mark.parametrize("similarity,balance", [("product", "plain"), ("cosine", "plain"), ("cosine", "relative"),
+                                                ("cosine", "geometric")])
 def test_learned_merge_lowers_its_loss(adapters, tmp_path, similarity, balance):
     base, made = adapters
     cfg = MergeConfig(method="zipq", steps=30, similarity=similarity, learning_rate=3e-2, balance=balance)
@@ -148,6 +149,23 @@ def test_relative_balance_weighs_each_term_by_how_far_its_adapter_moves_the_base
         w_c, w_s = _balance("relative", live, base.unet, noisy, t, batch, targets)
     assert w_c == pytest.approx(1.8, rel=1e-3) and w_s == pytest.approx(0.2, rel=1e-3)
     assert (w_c + w_s) / 2 == pytest.approx(1.0)
+
+
+def test_geometric_balance_weighs_each_term_by_its_own_size():
+    """Weights ∝ 1 / own loss, averaging 1: the weighted terms come out equal, so the step follows
+    ∇(log L_c + log L_s); the losses' graphs are not touched (the weights are plain numbers)."""
+    from zipq_core.merge.learned import geometric_weights
+
+    loss_c, loss_s = torch.tensor(0.1, requires_grad=True), torch.tensor(0.3, requires_grad=True)
+    w_c, w_s = geometric_weights(loss_c, loss_s)
+    assert isinstance(w_c, float) and isinstance(w_s, float)
+    assert (w_c, w_s) == (pytest.approx(1.5), pytest.approx(0.5))
+    assert w_c * 0.1 == pytest.approx(w_s * 0.3)
+    (w_c * loss_c + w_s * loss_s).backward()
+    grads = loss_c.grad.item(), loss_s.grad.item()
+    assert grads[0] / grads[1] == pytest.approx(0.3 / 0.1)  # d log L = dL / L, up to one common factor
+    with pytest.raises(ZipqError, match="balance must be one of plain, relative, geometric"):
+        MergeConfig(balance="equal")
 
 
 def test_a_learned_merge_of_adapters_already_read_uses_their_training_views(adapters, tmp_path):
