@@ -17,7 +17,9 @@ DoRA (and LoRA for ZipLoRA) with the core's defaults, merge with every method an
   K-LoRA, timestep-dependent, has no static file and no such row.
 
 Shards resume: a shard is ``<shards>/<subject>__<style>__seed<k>.npz`` (the images of every row) and a ``.json``
-written last; a started shard keeps its adapters and finished rows under ``<shards>/work`` until it is done.
+written last; a started shard keeps its merges and finished rows under ``<shards>/work`` until it is done. Adapters
+are the concepts' (``<shards>/adapters/<concept>__seed<k>/``, kept): a subject in four pairs trains once, and
+``--part`` gives each process whole subjects.
 
     python bench/fidelity.py --shards runs/fidelity [--part 1/4] [--seeds 1] [--per-concept 4] [--steps 300]
         [--style-steps N] [--lr-schedule cosine]
@@ -35,6 +37,8 @@ bootstraps paired differences (2000 resamples: pairs, then images within each pa
 from __future__ import annotations
 
 import argparse
+import fcntl
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -96,17 +100,29 @@ def shard_tasks(seeds: int, per_concept: int = 4) -> list[tuple[int, int]]:
     return [(everything.index(p), s) for s in range(seeds) for p in concepts.pairs("test", per_concept)]
 
 
+def subject_of(task: tuple[int, int]) -> tuple[str, int]:
+    """The subject adapter a shard trains or reuses: (subject, seed)."""
+    pair, seed = task
+    return all_pairs()[pair][0].name, seed
+
+
 def shard_name(pair: int, seed: int) -> str:
     subject, style = all_pairs()[pair]
     return f"{subject.name}__{style.name}__seed{seed}"
 
 
-def my_tasks(tasks: list[tuple[int, int]], part: str) -> list[tuple[int, int]]:
-    """The tasks of part "i/n" (1-based): every n-th task from the i-th."""
+def my_tasks(tasks: list, part: str, group=None) -> list:
+    """The tasks of part "i/n" (1-based): every n-th task from the i-th, or with `group` (task → key) every n-th
+    group of tasks (in order of first appearance), so that tasks sharing a key (a concept's adapter) run in one
+    process, one after the other."""
     i, n = (int(x) for x in part.split("/"))
     if not 1 <= i <= n:
         raise SystemExit(f"--part must be i/n with 1 <= i <= n, not {part}")
-    return tasks[i - 1::n]
+    if group is None:
+        return tasks[i - 1::n]
+    keys = list(dict.fromkeys(map(group, tasks)))
+    mine = set(keys[i - 1::n])
+    return [t for t in tasks if group(t) in mine]
 
 
 def prompts(pair: int, seed: int, images: int) -> list[tuple[str, str]]:
@@ -121,16 +137,34 @@ def prompts(pair: int, seed: int, images: int) -> list[tuple[str, str]]:
 
 
 def concept_adapters(base, subject, style, seed: int, work: Path, methods, style_steps: int | None = None,
-                     **settings) -> dict[str, Path]:
-    """Both concepts' example sets (under work/examples) and an adapter per kind and method trained on its set with
-    `settings` over mini's defaults (the style's with `style_steps` when given): {"subject_dora": folder, …};
-    finished ones are reused."""
+                     shared: bool = False, **settings) -> dict[str, Path]:
+    """Both concepts' example sets and an adapter per kind and method trained on its set with `settings` over
+    mini's defaults (the style's with `style_steps` when given): {"subject_dora": folder, …}; finished ones are
+    reused. The pair's own (under work/examples, work/<kind>_<method>), or with `shared` the concept's
+    (`shared_adapter`: a subject in two pairs trains once)."""
+    per_kind = {"subject": settings, "style": settings if style_steps is None else {**settings, "steps": style_steps}}
+    if shared:
+        return {f"{kind}_{m}": shared_adapter(base, concept, kind, seed, work, method=m, **per_kind[kind])
+                for kind, concept in (("subject", subject), ("style", style)) for m in methods}
     sets = {"subject": concepts.write_example_set(subject, work / "examples" / "subject", seed),
             "style": concepts.write_example_set(style, work / "examples" / "style", seed)}
-    per_kind = {"subject": settings, "style": settings if style_steps is None else {**settings, "steps": style_steps}}
     return {f"{kind}_{m}": train_concept_adapter(base, kind, sets[kind], work / f"{kind}_{m}", method=m, seed=seed,
                                                  **per_kind[kind])
             for kind in ("subject", "style") for m in methods}
+
+
+def shared_adapter(base, concept, kind: str, seed: int, root: Path, **settings) -> Path:
+    """A concept's adapter, trained once per seed and settings under ``root/<concept>__seed<k>/`` (its example set
+    beside it) and reused by every shard of that concept. A lock on the concept's folder lets one process train
+    while another that wants the same adapter waits for it, then reuses it."""
+    home = root / f"{concept.name}__seed{seed}"
+    home.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(json.dumps({"seed": seed, **settings}, sort_keys=True, default=str).encode()).hexdigest()
+    with open(home / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when training fails
+        examples = concepts.write_example_set(concept, home / "examples", seed)
+        return train_concept_adapter(base, kind, examples, home / f"{kind}_{settings.get('method')}_{key[:10]}",
+                                     seed=seed, **settings)
 
 
 def merge(base, method: str, dirs: dict[str, Path], seed: int, args, out: Path, fields: dict | None = None) -> dict:
@@ -193,9 +227,9 @@ def run_shard(base, pair: int, seed: int, args, shards: Path) -> Path:
     rows_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     rows = shard_rows(args.methods)
-    dirs = concept_adapters(base, subject, style, seed, work, ("dora", "lora") if "zip" in rows else ("dora",),
-                            steps=args.steps, style_steps=args.style_steps, learning_rate=args.lr,
-                            lr_schedule=args.lr_schedule)
+    dirs = concept_adapters(base, subject, style, seed, shards / "adapters", ("dora", "lora") if "zip" in rows
+                            else ("dora",), steps=args.steps, style_steps=args.style_steps, shared=True,
+                            learning_rate=args.lr, lr_schedule=args.lr_schedule)
     merged = {m: merge(base, m, dirs, seed, args, work / f"merged_{m}") for m in MERGES if m in rows}
     groups = prompts(pair, seed, args.images)
     for row in rows:
@@ -237,9 +271,10 @@ def extra_name(pair: int, seed: int, label: str) -> str:
 def run_extra(base, pair: int, seed: int, label: str, recipe: dict, shards: Path) -> Path:
     """Rows ``label`` (as the app generates) and ``label_file`` of a ZipQDoRA recipe for a finished shard.
 
-    The shard's two DoRA adapters are trained again with its settings and seed; the direct merge's file row is
-    generated again too and compared with the stored one, so the report can tell whether the adapters (and with
-    them every paired difference) were reproduced exactly. Written as ``<shard>.<label>.npz`` and, last, ``.json``.
+    The shard's two DoRA adapters are its concepts' shared ones (``shards/adapters``), trained again with its
+    settings and seed where that folder is gone (a new checkout); the direct merge's file row is generated again
+    too and compared with the stored one, so the report can tell whether the adapters (and with them every paired
+    difference) were reproduced exactly. Written as ``<shard>.<label>.npz`` and, last, ``.json``.
     """
     name = shard_name(pair, seed)
     meta = json.loads((shards / f"{name}.json").read_text())
@@ -249,7 +284,8 @@ def run_extra(base, pair: int, seed: int, label: str, recipe: dict, shards: Path
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     style_steps = settings.get("style_steps", "None")  # shards from before it: the style trained --steps too
-    dirs = concept_adapters(base, subject, style, seed, work, ("dora",), steps=int(settings["steps"]),
+    dirs = concept_adapters(base, subject, style, seed, shards / "adapters", ("dora",), shared=True,
+                            steps=int(settings["steps"]),
                             style_steps=None if style_steps == "None" else int(style_steps),
                             learning_rate=float(settings["lr"]),
                             lr_schedule=settings.get("lr_schedule", "constant"))  # shards from before it: constant
@@ -294,7 +330,8 @@ def run_shards(args) -> None:
 
     torch.set_grad_enabled(True)
     args.shards.mkdir(parents=True, exist_ok=True)
-    tasks = my_tasks(shard_tasks(args.seeds, args.per_concept), args.part)
+    # a subject's shards in one process: its adapter (under shards/adapters) trains once, while it is not wanted
+    tasks = my_tasks(shard_tasks(args.seeds, args.per_concept), args.part, group=subject_of)
     if args.add:  # another recipe's rows for every finished shard of this part
         todo = [t for t in tasks if (args.shards / f"{shard_name(*t)}.json").is_file()
                 and not (args.shards / f"{extra_name(*t, args.add)}.json").is_file()]
