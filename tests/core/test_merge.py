@@ -144,6 +144,7 @@ def test_relative_balance_weighs_each_term_by_how_far_its_adapter_moves_the_base
         own = [unet_forward(base.unet, x, t, cond).float() for x, (_, cond) in zip(noisy, batch)]
         targets = (own[0] + 0.1, own[1] + 0.3)
         assert _balance("plain", live, base.unet, noisy, t, batch, targets) == (1.0, 1.0)
+        assert _balance("geometric", live, base.unet, noisy, t, batch, targets) == (1.0, 1.0)  # weighed later
         for key, layer in live.items():  # a part shown: _balance must take it away for the base's prediction
             layer.parts = [subject.layers[key]]
         w_c, w_s = _balance("relative", live, base.unet, noisy, t, batch, targets)

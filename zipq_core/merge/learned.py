@@ -95,8 +95,9 @@ def _balance(kind: str, live: dict[str, LiveLayer], unet, noisy: list[torch.Tens
              batch: list[tuple], targets: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
     """Weights of the two reconstruction terms. "plain": 1 and 1 (ZipLoRA's loss). "relative": each term divided by
     how far its adapter moves the base's prediction on the same batch, rescaled so the weights average 1 (the
-    similarity term keeps its share): a subtle adapter's errors count as much as a strong one's."""
-    if kind == "plain":
+    similarity term keeps its share): a subtle adapter's errors count as much as a strong one's. "geometric" is
+    weighed once the terms are computed (`geometric_weights`): 1 and 1 here."""
+    if kind != "relative":
         return 1.0, 1.0
     _show(live)
     moved = [float(F.mse_loss(unet_forward(unet, x, t, cond).float(), target)) + 1e-12
@@ -202,9 +203,7 @@ def learned_merge(base: BaseModel, subject: Adapter, style: Adapter, dirs: tuple
                     target_c = unet_forward(unet, noisy[0], t, batch[0][1]).float()
                     _show(live, teacher_s)
                     target_s = unet_forward(unet, noisy[1], t, batch[1][1]).float()
-                    relative = cfg.balance == "relative"  # "geometric" weighs the terms once they are computed
-                    weights = _balance("relative" if relative else "plain", live, unet, noisy, t, batch,
-                                       (target_c, target_s))
+                    weights = _balance(cfg.balance, live, unet, noisy, t, batch, (target_c, target_s))
                 _show(live, *_learned_parts(subject, style, mergers, norms))
                 pred_c = unet_forward(unet, noisy[0], t, batch[0][1]).float()
                 pred_s = unet_forward(unet, noisy[1], t, batch[1][1]).float()
