@@ -114,15 +114,14 @@ def shard_name(pair: int, seed: int) -> str:
 def my_tasks(tasks: list, part: str, group=None) -> list:
     """The tasks of part "i/n" (1-based): every n-th task from the i-th, or with `group` (task → key) every n-th
     group of tasks (in order of first appearance), so that tasks sharing a key (a concept's adapter) run in one
-    process, one after the other."""
+    process, one after the other: a run stopped part-way leaves whole groups done."""
     i, n = (int(x) for x in part.split("/"))
     if not 1 <= i <= n:
         raise SystemExit(f"--part must be i/n with 1 <= i <= n, not {part}")
     if group is None:
         return tasks[i - 1::n]
     keys = list(dict.fromkeys(map(group, tasks)))
-    mine = set(keys[i - 1::n])
-    return [t for t in tasks if group(t) in mine]
+    return [t for key in keys[i - 1::n] for t in tasks if group(t) == key]
 
 
 def prompts(pair: int, seed: int, images: int) -> list[tuple[str, str]]:

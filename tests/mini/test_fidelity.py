@@ -36,7 +36,12 @@ def test_parts_by_subject_give_each_process_whole_subjects(fidelity, per_concept
     assert sorted(t for p in parts for t in p) == sorted(tasks)
     owners = [{fidelity.subject_of(t) for t in p} for p in parts]
     assert all(not (a & b) for i, a in enumerate(owners) for b in owners[i + 1:])
-    assert {len(p) for p in parts} == {len(tasks) // n} and all(p == sorted(p, key=tasks.index) for p in parts)
+    assert {len(p) for p in parts} == {len(tasks) // n}
+    for p in parts:  # a subject's shards one after another, each subject's in the protocol's order
+        subjects = [fidelity.subject_of(t) for t in p]
+        assert all(a == b or b not in subjects[:k] for k, (a, b) in enumerate(zip(subjects, subjects[1:]), 1))
+        assert all(sorted(g, key=tasks.index) == g for g in ([t for t in p if fidelity.subject_of(t) == s]
+                                                             for s in set(subjects)))
 
 
 def test_a_concept_in_several_pairs_trains_its_adapter_once(fidelity, tmp_path, monkeypatch):
