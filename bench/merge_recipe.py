@@ -53,7 +53,6 @@ from fidelity import (
     score_images,
 )
 
-from zipq_core import load_adapter
 from zipq_core.config import FAMILY_DEFAULTS, LR_SCHEDULES, MergeConfig, Sliders
 from zipq_core.merge import slider_adapters
 from zipq_mini import concepts, judge
@@ -133,13 +132,13 @@ def run_pair(base, pair: int, variants: list[str], args) -> None:
         if all(done(n) for n in names):
             continue
         out = work / f"merged_{variant}"
-        merge(base, "zipq", dirs, SEED, defaults, out, VARIANTS[variant])  # the DoRAs, whatever the method; reused
+        merged = merge(base, "zipq", dirs, SEED, defaults, out, VARIANTS[variant])  # the DoRAs whatever the method
         for row, sliders in app_rows.items():
             if not done(f"{variant}_{row}"):
                 generate_row(f"{variant}_{row}", slider_adapters(out, sliders.subject, sliders.style,
                                                                  sliders.subject_detail), best_of)
-        if not done(f"{variant}_file"):
-            generate_row(f"{variant}_file", [(load_adapter(out / "pytorch_lora_weights.safetensors"), 1.0)], 1)
+        if not done(f"{variant}_file"):  # the test protocol's own file row: the merged file at 1, one candidate
+            generate_row(f"{variant}_file", *row_adapters(base, f"{variant}_file", dirs, {variant: merged})[:2])
     meta = {"subject": subject.name, "style": style.name, "pair": pair, "seed": SEED, "images": args.images,
             "training": {"steps": args.steps, "style_steps": args.style_steps, "lr_schedule": args.lr_schedule},
             "groups": [{"colour": c, "background": b, "prompt": PROMPT.format(colour=c, background=b)}

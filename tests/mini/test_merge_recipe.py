@@ -1,6 +1,8 @@
 """bench/merge_recipe.py on tiny settings: every variant is a valid merge, the pairs are the tuning split's, and the
 report's differences are paired against the direct merge's same row."""
 
+import argparse
+import sys
 
 import numpy as np
 import pytest
@@ -90,3 +92,35 @@ def test_slider_rows_compare_with_the_direct_merge_at_the_same_sliders_and_repor
     assert result["differences"]["zipq_keep10_app_1_1_1 - zipq_app_1_1_1"]["subject_fidelity"]["mean"] \
         == pytest.approx(0.05)
     assert "zipq_keep10_app_1_1_1 - direct_app_1_1_1" in result["differences"]
+
+
+def test_a_pair_generates_each_rows_adapters_once_and_resumes(recipe, tmp_path, monkeypatch):
+    """Rows as the test protocol makes them (training, merging and sampling stubbed): the single adapters and each
+    variant at the app's sliders with mini's candidates, its merged file alone at 1 with one candidate; a second run
+    finds every row done and generates nothing."""
+    fidelity = sys.modules["fidelity"]
+    sampled, merged = {}, []
+    dirs = {"subject_dora": tmp_path / "s", "style_dora": tmp_path / "t"}
+    monkeypatch.setattr(recipe, "concept_adapters", lambda *a, **k: dirs)
+    monkeypatch.setattr(recipe, "merge", lambda base, method, d, seed, args, out, fields:
+                        merged.append(out.name) or {"dir": str(out)})
+    monkeypatch.setattr(recipe, "slider_adapters", lambda out, *sliders: [(f"parts of {out.name}", sliders)])
+    monkeypatch.setattr(fidelity, "load_adapter", lambda path: str(path))
+
+    def sample(base, groups, seed, images, adapters, candidates):
+        sampled[len(sampled)] = (adapters, candidates)
+        return np.zeros((images, 64, 64, 3), np.uint8)
+
+    monkeypatch.setattr(recipe, "sample", sample)
+    args = argparse.Namespace(work=tmp_path, per_concept=1, steps=4, style_steps=2, lr_schedule="cosine", images=2,
+                              sliders="", singles=True)
+    recipe.run_pair(None, 0, ["direct", "zipq"], args)
+    best_of, app = recipe.FAMILY_DEFAULTS["mini"].candidates, recipe.slider_row(recipe.Sliders())
+    work = tmp_path / recipe.pair_name(0, 1)
+    assert sorted(p.stem for p in work.glob("*.npy")) == sorted(
+        ["subject_only_app", "style_only_app", f"direct_{app}", "direct_file", f"zipq_{app}", "zipq_file"])
+    assert sampled[0] == ([(str(dirs["subject_dora"]), 1.0)], best_of) and merged == ["merged_direct", "merged_zipq"]
+    file = str(work / "merged_zipq" / "pytorch_lora_weights.safetensors")
+    assert (sampled[4][1], sampled[5]) == (best_of, ([(file, 1.0)], 1))
+    recipe.run_pair(None, 0, ["direct", "zipq"], args)
+    assert len(sampled) == 6 and merged == ["merged_direct", "merged_zipq"]
