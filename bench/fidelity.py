@@ -120,8 +120,9 @@ def my_tasks(tasks: list, part: str, group=None) -> list:
         raise SystemExit(f"--part must be i/n with 1 <= i <= n, not {part}")
     if group is None:
         return tasks[i - 1::n]
-    keys = list(dict.fromkeys(map(group, tasks)))
-    return [t for key in keys[i - 1::n] for t in tasks if group(t) == key]
+    keyed = [(group(t), t) for t in tasks]
+    mine = list(dict.fromkeys(k for k, _ in keyed))[i - 1::n]
+    return [t for key in mine for k, t in keyed if k == key]
 
 
 def prompts(pair: int, seed: int, images: int) -> list[tuple[str, str]]:

@@ -71,7 +71,8 @@ def test_a_concept_in_several_pairs_trains_its_adapter_once(fidelity, tmp_path, 
     assert (tmp_path / f"{s0.name}__seed0" / "examples" / "concept.json").is_file()
     other = fidelity.concept_adapters(None, s0, t1, 0, tmp_path, ("dora",), shared=True, steps=4)
     assert other["subject_dora"] != first["subject_dora"] and len(trained) == 5  # other settings: other adapters
-    trained.clear(), training.clear()
+    trained.clear()
+    training.clear()
     got = []
     waiter = threading.Thread(target=lambda: (training.wait(), got.append(
         fidelity.shared_adapter(None, t0, "style", 1, tmp_path, method="dora", steps=3))))

@@ -102,15 +102,19 @@ def _balance(kind: str, live: dict[str, LiveLayer], unet, noisy: list[torch.Tens
     _show(live)
     moved = [float(F.mse_loss(unet_forward(unet, x, t, cond).float(), target)) + 1e-12
              for x, (_, cond), target in zip(noisy, batch, targets)]
-    return 2 * moved[1] / sum(moved), 2 * moved[0] / sum(moved)  # ∝ 1 / moved, averaging 1
+    return _inverse_weights(*moved)
 
 
 def geometric_weights(loss_c: torch.Tensor, loss_s: torch.Tensor) -> tuple[float, float]:
     """The "geometric" balance: each reconstruction term divided by its own current value, rescaled so the weights
     average 1. The step is then along ∇(log L_c + log L_s): a strong subject's leak into the style's prompts (the
     larger term at the start) pulls the mergers no harder than a subtle style's leak into the subject's."""
-    c, s = float(loss_c.detach()) + 1e-12, float(loss_s.detach()) + 1e-12
-    return 2 * s / (c + s), 2 * c / (c + s)  # ∝ 1 / own loss, averaging 1
+    return _inverse_weights(float(loss_c.detach()) + 1e-12, float(loss_s.detach()) + 1e-12)
+
+
+def _inverse_weights(c: float, s: float) -> tuple[float, float]:
+    """Weights ∝ 1 / c and 1 / s, averaging 1."""
+    return 2 * s / (c + s), 2 * c / (c + s)
 
 
 def combined_captions(captions: list[str], style: Adapter) -> list[str]:
