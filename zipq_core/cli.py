@@ -242,13 +242,17 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     if args.klora and (args.merged or args.adapter):
         raise ZipqError("--klora generates from its two adapters alone: leave out --merged and --adapter.")
     klora_cfg = config.KLoraConfig(**config_values(config.KLoraConfig, args))
+    sliders = config.Sliders(**config_values(config.Sliders, args))
+    given = config_values(config.GenerateConfig, args)
+    # Every value given is checked before the base loads (slow for a full-size model); the smallest valid side
+    # stands in for the base's own size, not known yet.
+    side = config.MIN_SIDE
+    config.GenerateConfig(**{"width": args.width or side, "height": args.height or side, **given})
     base = load_base(args.base, args.device, args.dtype)
     size = base.default_size
-    given = config_values(config.GenerateConfig, args)
     if "candidates" not in given and (args.merged or args.klora):  # judged by its parts: the family's best-of-K
         given["candidates"] = config.family_defaults(base.family).candidates
     cfg = config.GenerateConfig(**{"width": args.width or size, "height": args.height or size, **given})
-    sliders = config.Sliders(**config_values(config.Sliders, args))
     adapters = load_adapters(args.adapter, base)
     schedule = None
     if args.merged:

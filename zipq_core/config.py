@@ -470,6 +470,9 @@ class MergeConfig:
 
 
 # ---------------------------------------------------------------------------------------------- generate
+MIN_SIDE, MAX_SIDE = 64, 2048  # an image's side in pixels (a multiple of 8)
+
+
 @dataclass(frozen=True)
 class GenerateConfig:
     """One generation request."""
@@ -503,8 +506,8 @@ class GenerateConfig:
         _check(_is_number(self.guidance) and 0.0 <= self.guidance <= 30.0,
                f"guidance must be between 0 and 30, not {self.guidance}.")
         for side, value in (("width", self.width), ("height", self.height)):
-            _check(_is_int(value) and 64 <= value <= 2048 and value % 8 == 0,
-                   f"{side} must be a multiple of 8 between 64 and 2048, not {value}.")
+            _check(_is_int(value) and MIN_SIDE <= value <= MAX_SIDE and value % 8 == 0,
+                   f"{side} must be a multiple of 8 between {MIN_SIDE} and {MAX_SIDE}, not {value}.")
         _check(_is_int(self.num_images) and 1 <= self.num_images <= 16,
                f"number of images must be between 1 and 16, not {self.num_images}.")
         _check(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed must be a non-negative integer.")

@@ -114,6 +114,26 @@ def test_diffusers_loads_the_cli_adapter_and_it_changes_output(trained):
     assert not np.array_equal(before, after)
 
 
+@pytest.mark.parametrize("bad, message", [
+    (["--candidates", "9"], "candidates per image"),
+    (["--subject-detail", "2"], "subject detail"),
+    (["--steps", "0"], "steps must be between"),
+    (["--width", "100"], "width must be a multiple of 8"),
+])
+def test_generate_refuses_a_bad_value_before_loading_the_base(bad, message, monkeypatch, tmp_path, capsys):
+    """A typo costs no model load: every generation value is checked first."""
+    import zipq_core.base
+    from zipq_core.cli import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the base was loaded before the values were checked")
+
+    monkeypatch.setattr(zipq_core.base, "load_base", no_load)
+    code = main(["generate", "--base", "mini", "--merged", str(tmp_path / "m"), "--prompt", "a photo of sks heart",
+                 *bad, "--out", str(tmp_path / "x.png")])
+    assert code == 2 and message in capsys.readouterr().err
+
+
 def test_errors_are_messages_not_tracebacks(tmp_path):
     proc = _cli("generate", "--base", "mini", "--adapter", str(tmp_path / "nope"), "--prompt", "x",
                 "--out", str(tmp_path / "x.png"), check=False)
