@@ -76,7 +76,11 @@ def load_mini_base(weights: Path | None = None):
 
         other = StableDiffusionXLPipeline.from_pretrained(str(weights), local_files_only=True)
         for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-            getattr(base.pipe, name).load_state_dict(getattr(other, name).state_dict())
+            if name == "unet" and other.unet.config.block_out_channels != base.unet.config.block_out_channels:
+                # a wider (or narrower) UNet takes the place of the shipped one, frozen and on the base's device
+                base.pipe.unet = other.unet.to(base.device, base.dtype).requires_grad_(False).eval()
+            else:
+                getattr(base.pipe, name).load_state_dict(getattr(other, name).state_dict())
     return base
 
 

@@ -7,7 +7,9 @@ Stages (run in this order; each resumes where it stopped; see scripts/README_min
     gate   re-run the gate on the VAE in --out
     unet   train both CLIP text encoders and the UNet jointly (EMA; captions dropped to all-zero text
            inputs 10 % of the time, matching the pipeline's force_zeros_for_empty_prompt); refuses to start
-           unless the gate passed (--force skips that, for tests)
+           unless the gate passed (--force skips that, for tests). --device cuda trains on a GPU (the batches are
+           drawn on the CPU, so they are the same anywhere); --unet-channels 64,128,256 starts a fresh UNet of
+           those widths on the VAE and text encoders in --out (scripts/device_mini.sh: the GPU recipe)
     decoder  fine-tune the VAE decoder alone, the encoder frozen (so the latents and the UNet stay valid), on
            base renders half of which are redrawn in generic textures (world.generic_pattern): a better codec
            for textures the base never drew, which is what personalised styles need
@@ -77,6 +79,9 @@ class RecipeConfig:
     family_seed: int = 3001
     evaluator: str | None = None  # None = assets/evaluator
     force: bool = False  # unet: start even when the VAE gate has not passed
+    render_workers: int = 1  # processes that render missing training data (any count: the same images)
+    device: str = "cpu"  # unet: where the UNet and text encoders train ("cuda" on a GPU machine)
+    unet_channels: str = ""  # unet: block widths ("64,128,256"); other than --out's UNet: a fresh UNet of them
     stop_when_gated: bool = False  # vae: run the gate at every checkpoint and stop once it passes
 
 
@@ -99,7 +104,7 @@ def load_data(cfg: RecipeConfig) -> tuple[np.ndarray, list[world.Scene]]:
         scenes = [world.Scene(**d) for d in json.loads(meta.read_text())]
         if len(imgs) >= cfg.n_data:
             return imgs[: cfg.n_data], scenes[: cfg.n_data]
-    imgs, scenes = world.render_dataset(cfg.n_data, cfg.data_seed, held_out=False)
+    imgs, scenes = world.render_dataset(cfg.n_data, cfg.data_seed, held_out=False, workers=cfg.render_workers)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, images=imgs, **world.labels(scenes))
     meta.write_text(json.dumps([s.to_dict() for s in scenes]))
@@ -114,7 +119,7 @@ def load_family(cfg: RecipeConfig) -> tuple[np.ndarray, list[str]]:
         imgs, captions = np.load(path)["images"], json.loads(meta.read_text())
         if len(imgs) >= cfg.n_family:
             return imgs[: cfg.n_family], captions[: cfg.n_family]
-    imgs, captions = concepts.render_family_dataset(cfg.n_family, cfg.family_seed)
+    imgs, captions = concepts.render_family_dataset(cfg.n_family, cfg.family_seed, workers=cfg.render_workers)
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, images=imgs)
     meta.write_text(json.dumps(captions))
@@ -332,9 +337,9 @@ def encode_dataset(cfg: RecipeConfig, vae, imgs: np.ndarray, name: str = "latent
     means, stds = [], []
     with torch.no_grad():
         for i in range(0, len(imgs), 256):
-            post = vae.encode(to_x(imgs[i:i + 256])).latent_dist
-            means.append(post.mean.half())
-            stds.append(post.std.half())
+            post = vae.encode(to_x(imgs[i:i + 256]).to(vae.device)).latent_dist
+            means.append(post.mean.half().cpu())
+            stds.append(post.std.half().cpu())
     mean, std = torch.cat(means), torch.cat(stds)
     save_state(path, key=key, mean=mean, std=std)
     return mean.float(), std.float()
@@ -343,8 +348,8 @@ def encode_dataset(cfg: RecipeConfig, vae, imgs: np.ndarray, name: str = "latent
 def encode_text(pipe, te1, te2, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL text conditioning: (B, 77, 2*width) penultimate hidden states of both encoders, (B, proj) pooled."""
     kw = dict(padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
-    ids1 = pipe.tokenizer(captions, **kw).input_ids
-    ids2 = pipe.tokenizer_2(captions, **kw).input_ids
+    ids1 = pipe.tokenizer(captions, **kw).input_ids.to(te1.device)
+    ids2 = pipe.tokenizer_2(captions, **kw).input_ids.to(te2.device)
     o1 = te1(ids1, output_hidden_states=True)
     o2 = te2(ids2, output_hidden_states=True)
     # The pipeline uses hidden_states[-2] of both encoders and text_embeds (pooled + projected) of the second.
@@ -391,15 +396,17 @@ def unet_loss(cfg, pipe, unet, te1, te2, sched, lat, scenes, rng, gen, family=No
     z0 = (mean + std * torch.randn(mean.shape, generator=gen)) * sf  # (B, C, 16, 16)
     emb, pooled = encode_text(pipe, te1, te2, captions)
     keep = torch.from_numpy(rng.random(cfg.batch) >= cfg.drop_caption).float()  # (B,)
-    emb, pooled = emb * keep[:, None, None], pooled * keep[:, None]
     noise = torch.randn(z0.shape, generator=gen)
     t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch,), generator=gen)
-    noisy = sched.add_noise(z0, noise, t)
-    time_ids = torch.tensor([TIME_IDS], dtype=torch.float32).repeat(cfg.batch, 1)
+    noisy = sched.add_noise(z0, noise, t)  # every draw on the CPU, so a run is the same batch for batch anywhere
+    dev = emb.device
+    keep, noise, t, noisy = keep.to(dev), noise.to(dev), t.to(dev), noisy.to(dev)
+    emb, pooled = emb * keep[:, None, None], pooled * keep[:, None]
+    time_ids = torch.tensor([TIME_IDS], dtype=torch.float32, device=dev).repeat(cfg.batch, 1)
     cond = {"text_embeds": pooled, "time_ids": time_ids}
     pred = unet(noisy, t, encoder_hidden_states=emb, added_cond_kwargs=cond).sample  # (B, C, 16, 16)
     per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))  # (B,)
-    return (per * min_snr_weights(sched, t)).mean()
+    return (per * min_snr_weights(sched, t.cpu()).to(dev)).mean()
 
 
 def ema_pipeline(pipe, emas: dict[str, Ema]):
@@ -420,6 +427,23 @@ def eval_generations(cfg: RecipeConfig, pipe) -> dict:
                                         guidance=cfg.guidance, evaluator=evaluator.load_evaluator(cfg.evaluator))
 
 
+def widen(pipe, cfg: RecipeConfig) -> bool:
+    """With --unet-channels other than the UNet's own widths: a fresh UNet of those widths (seeded), trained from
+    step 0 on the VAE and text encoders already in --out. Once checkpointed, --out holds it and a run resumes it."""
+    if not cfg.unet_channels:
+        return False
+    widths = tuple(int(w) for w in cfg.unet_channels.split(","))
+    if widths == tuple(pipe.unet.config.block_out_channels):
+        return False
+    if (Path(cfg.state) / "unet.pt").is_file():
+        raise SystemExit(f"{cfg.state} holds the state of a UNet of other widths: give the new UNet a fresh --state.")
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(cfg.seed)
+    pipe.unet = UNet2DConditionModel(**pipeline.unet_config(pipeline.MiniConfig(unet_channels=widths)))
+    return True
+
+
 def train_unet(cfg: RecipeConfig):
     """Generator of step records while training the text encoders and UNet jointly."""
     from diffusers import DDPMScheduler
@@ -429,6 +453,10 @@ def train_unet(cfg: RecipeConfig):
         raise SystemExit(f"The VAE gate has not passed ({gate}); run the vae / gate stage first (or --force).")
     imgs, scenes = load_data(cfg)
     pipe = load_pipeline(cfg)
+    fresh = widen(pipe, cfg)
+    dev = torch.device(cfg.device)
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights, TF32 matmuls on a GPU (nothing on a CPU)
+    pipe.to(dev)
     pipe.vae.float().eval().requires_grad_(False)
     lat = encode_dataset(cfg, pipe.vae, imgs)
     del imgs
@@ -441,12 +469,12 @@ def train_unet(cfg: RecipeConfig):
             "text_encoder_2": pipe.text_encoder_2.float().train()}
     params = [p for m in mods.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    prog = read_progress(cfg, "unet")
+    prog = {} if fresh else read_progress(cfg, "unet")
     step, minutes = prog.get("step", 0), prog.get("minutes", 0.0)
     warm_from = step  # a fresh optimizer warms up again, also when the weights continue a finished run
     state_path = Path(cfg.state) / "unet.pt"
     if state_path.is_file():
-        st = torch.load(state_path, weights_only=False)
+        st = torch.load(state_path, weights_only=False, map_location=dev)
         for k, m in mods.items():
             m.load_state_dict(st[k])
         opt.load_state_dict(st["opt"])

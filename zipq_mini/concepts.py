@@ -470,11 +470,12 @@ def training_pool(seed: int = TRAINING_SEED, sizes: tuple[int, int] = POOL_SIZES
     return tuple(subjects), tuple(styles)
 
 
-def family_scene(rng: np.random.Generator, pool=None) -> tuple[Image.Image, str]:
-    """One training image of the family and its caption.
+def draw_family_scene(rng: np.random.Generator, pool=None
+                      ) -> tuple[world.Scene, SubjectConcept | None, StyleConcept | None, str]:
+    """One training image of the family, to render with ``render_concepts(scene, subject, style)``, and its caption.
 
     A third each: a family subject in a world base style, a world base subject in a family texture, both from
-    the family. Colours, backgrounds and poses as in the world.
+    the family (None: the scene's own). Colours, backgrounds and poses as in the world.
     """
     subjects, styles = pool or training_pool()
     kind = int(rng.integers(3))
@@ -488,12 +489,13 @@ def family_scene(rng: np.random.Generator, pool=None) -> tuple[Image.Image, str]
                  f"{article} {scene.colour} {noun} with {look}",
                  f"{article} {scene.colour} {noun} on a {scene.background} background, {look}"]
     text = templates[int(rng.integers(len(templates)))]
-    return render_concepts(scene, subject=subj, style=sty), text
+    return scene, subj, sty, text
 
 
-def render_family_dataset(n: int, seed: int) -> tuple[np.ndarray, list[str]]:
-    """``n`` training images of the family, (n, 64, 64, 3) uint8, and their captions (same seed, same data)."""
+def render_family_dataset(n: int, seed: int, workers: int = 1) -> tuple[np.ndarray, list[str]]:
+    """``n`` training images of the family, (n, 64, 64, 3) uint8, and their captions (same seed, same data, for
+    any number of rendering ``workers``: the scenes are drawn in this process)."""
     rng = np.random.default_rng([seed, 17])
     pool = training_pool()
-    out = [family_scene(rng, pool) for _ in range(n)]
-    return np.stack([np.asarray(im) for im, _ in out]), [t for _, t in out]
+    drawn = [draw_family_scene(rng, pool) for _ in range(n)]
+    return world.render_all(render_concepts, [d[:3] for d in drawn], workers), [d[3] for d in drawn]

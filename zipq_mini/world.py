@@ -462,20 +462,37 @@ def parse_prompt(text: str) -> dict[str, str | None]:
 
 
 # ---------------------------------------------------------------------------------------------- datasets
-def render_dataset(n: int, seed: int, held_out: bool | str = False) -> tuple[np.ndarray, list[Scene]]:
+def render_dataset(n: int, seed: int, held_out: bool | str = False, workers: int = 1
+                   ) -> tuple[np.ndarray, list[Scene]]:
     """Render ``n`` random scenes.
 
     Args:
         n: Number of images.
         seed: Seed of the scene sampler (same seed, same images).
         held_out: As in ``sample_scene``.
+        workers: Processes that render (the scenes are drawn in this one: any count gives the same images).
 
     Returns:
         ``(images, scenes)``: uint8 array (n, 64, 64, 3) and the scenes drawn.
     """
     rng = np.random.default_rng(seed)
     scenes = [sample_scene(rng, held_out) for _ in range(n)]
-    return np.stack([np.asarray(render(s)) for s in scenes]), scenes
+    return render_all(render, [(s,) for s in scenes], workers), scenes
+
+
+def render_all(draw, calls: list[tuple], workers: int = 1) -> np.ndarray:
+    """``np.stack`` of ``draw(*call)`` for each call, as uint8 arrays, over ``workers`` processes (in order)."""
+    if workers <= 1 or len(calls) < 2:
+        return np.stack([np.asarray(draw(*c)) for c in calls])
+    import multiprocessing
+
+    chunk = max(1, len(calls) // (8 * workers))
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        return np.stack(pool.starmap(_as_array, [(draw, c) for c in calls], chunksize=chunk))
+
+
+def _as_array(draw, call: tuple) -> np.ndarray:
+    return np.asarray(draw(*call))
 
 
 def labels(scenes: list[Scene]) -> dict[str, np.ndarray]:

@@ -113,7 +113,7 @@ def test_training_pool_keeps_every_scored_concept_unseen():
 def test_family_captions_never_name_a_world_style_or_a_held_out_subject():
     """Family images teach words of their own: the world's held-out styles (grid, bullseye…) stay unnamed."""
     images, captions = concepts.render_family_dataset(60, seed=5)
-    again, captions2 = concepts.render_family_dataset(60, seed=5)
+    again, captions2 = concepts.render_family_dataset(60, seed=5, workers=2)  # rendered in two processes
     assert images.shape == (60, 64, 64, 3) and np.array_equal(images, again) and captions == captions2
     family = [c for c in captions if " shape" in c and any(w in c for w in concepts.KIND_WORDS.values())]
     assert family  # some images are family subject and family texture

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -67,6 +68,24 @@ def test_all_stages_tiny(tmp_path, recipe):
     assert len(json.loads((tmp_path / "family.json").read_text())) == 4
     recipe.main(["decoder", "--max-steps", "4", "--gate-n", "4", *family, *common])
     assert json.loads((tmp_path / "mini" / "mini_train.json").read_text())["decoder"]["step"] == 4
+
+    # a UNet of other widths (the GPU recipe's wider mini): fresh, from step 0, on the same VAE and text encoders
+    before = load()
+    wider = ["unet", "--force", "--eval-n", "1", "--eval-steps", "2", "--unet-channels", "32,32,64"]
+    with pytest.raises(SystemExit, match="fresh --state"):  # the old state belongs to the old UNet
+        recipe.main([*wider, "--max-steps", "1", *common])
+    common[3] = str(tmp_path / "state_wide")
+    assert recipe.main([*wider, "--max-steps", "2", *common])[-1]["eval"]["step"] == 2
+    after = load()
+    assert tuple(after.unet.config.block_out_channels) == (32, 32, 64)
+    assert same(before.vae, after.vae)
+    assert recipe.main([*wider, "--max-steps", "3", *common])[-1]["eval"]["step"] == 3  # and resumes it
+    # the benchmarks measure such a candidate in place of the shipped UNet (a process of its own: the base is cached)
+    probe = ("import sys; sys.path.insert(0, 'bench'); from common import load_mini_base; "
+             f"b = load_mini_base({str(tmp_path / 'mini')!r}); "
+             "print(list(b.unet.config.block_out_channels), any(p.requires_grad for p in b.unet.parameters()))")
+    shown = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert shown.stdout.strip().splitlines()[-1:] == ["[32, 32, 64] False"], shown.stderr[-2000:]
 
 
 def test_family_share_puts_family_captions_in_the_batch(recipe):

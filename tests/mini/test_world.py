@@ -80,6 +80,8 @@ def test_render_dataset_and_labels():
     assert imgs.shape == (5, 64, 64, 3)
     lab = world.labels(scenes)
     assert [world.ALL_SUBJECTS[i] for i in lab["subject"]] == [s.subject for s in scenes]
+    again, same_scenes = world.render_dataset(5, seed=3, workers=2)  # rendered in two processes: the same data
+    assert (again == imgs).all() and same_scenes == scenes
 
 
 def test_bundled_examples_match_their_scenes_and_captions():
