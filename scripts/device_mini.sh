@@ -11,9 +11,10 @@
 # Steps: the training data rendered over the CPU cores (the same images as one process renders); a fresh UNet of
 # WIDTHS trained MINUTES on the GPU on the shipped VAE and text encoders, half of each batch from the concept
 # family; then the tuning split's styles (and subjects with KINDS=style,subject) personalised with mini's
-# family defaults on the shipped mini and on the wider one, on the same GPU, so the two rows compare. What comes back in $OUT: the curve and log of
-# the training, personalization_gpu.json, and the wider mini as mini_wide.tgz.part-* (cat them, untar into runs/,
-# then `bench/personalization_split.py --mini runs/mini_wide` on the CPU measures it as the committed rows were).
+# family defaults on the shipped mini and on the wider one, on the same GPU, so the two rows compare.
+# What comes back in $OUT: the curve and log of the training, personalization_gpu.json, and the wider mini as
+# mini_wide.tgz.part-* (cat them, untar into runs/, then `bench/personalization_split.py --mini runs/mini_wide`
+# on the CPU measures it as the committed rows were).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/device_out}"; mkdir -p "$OUT"

@@ -399,14 +399,15 @@ def unet_loss(cfg, pipe, unet, te1, te2, sched, lat, scenes, rng, gen, family=No
     noise = torch.randn(z0.shape, generator=gen)
     t = torch.randint(0, sched.config.num_train_timesteps, (cfg.batch,), generator=gen)
     noisy = sched.add_noise(z0, noise, t)  # every draw on the CPU, so a run is the same batch for batch anywhere
+    weights = min_snr_weights(sched, t)  # from the CPU's schedule, before t moves (no device round trip)
     dev = emb.device
-    keep, noise, t, noisy = keep.to(dev), noise.to(dev), t.to(dev), noisy.to(dev)
+    keep, noise, t, noisy, weights = keep.to(dev), noise.to(dev), t.to(dev), noisy.to(dev), weights.to(dev)
     emb, pooled = emb * keep[:, None, None], pooled * keep[:, None]
     time_ids = torch.tensor([TIME_IDS], dtype=torch.float32, device=dev).repeat(cfg.batch, 1)
     cond = {"text_embeds": pooled, "time_ids": time_ids}
     pred = unet(noisy, t, encoder_hidden_states=emb, added_cond_kwargs=cond).sample  # (B, C, 16, 16)
     per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))  # (B,)
-    return (per * min_snr_weights(sched, t.cpu()).to(dev)).mean()
+    return (per * weights).mean()
 
 
 def ema_pipeline(pipe, emas: dict[str, Ema]):

@@ -483,7 +483,7 @@ def render_dataset(n: int, seed: int, held_out: bool | str = False, workers: int
 def render_all(draw, calls: list[tuple], workers: int = 1) -> np.ndarray:
     """``np.stack`` of ``draw(*call)`` for each call, as uint8 arrays, over ``workers`` processes (in order)."""
     if workers <= 1 or len(calls) < 2:
-        return np.stack([np.asarray(draw(*c)) for c in calls])
+        return np.stack([_as_array(draw, c) for c in calls])
     import multiprocessing
 
     chunk = max(1, len(calls) // (8 * workers))

@@ -74,7 +74,7 @@ def test_all_stages_tiny(tmp_path, recipe):
     wider = ["unet", "--force", "--eval-n", "1", "--eval-steps", "2", "--unet-channels", "32,32,64"]
     with pytest.raises(SystemExit, match="fresh --state"):  # the old state belongs to the old UNet
         recipe.main([*wider, "--max-steps", "1", *common])
-    common[3] = str(tmp_path / "state_wide")
+    common[common.index("--state") + 1] = str(tmp_path / "state_wide")
     assert recipe.main([*wider, "--max-steps", "2", *common])[-1]["eval"]["step"] == 2
     after = load()
     assert tuple(after.unet.config.block_out_channels) == (32, 32, 64)
