@@ -93,8 +93,11 @@ class Speed:
         return flops / self.flops_per_second
 
 
-def measure_speed(base, repeats: int = 2) -> Speed:
-    """Time UNet forwards at the base's native size (after one warm-up) and return the throughput."""
+def measure_speed(base, repeats: int = 5) -> Speed:
+    """Time UNet forwards at the base's native size (after one warm-up) and return the throughput of the fastest.
+
+    The fastest of several: one forward slowed by another process sharing the cores would make every estimate
+    too long, and a request well within the budget would be refused."""
     from .encode import encode_text, unet_forward
 
     size = base.default_size

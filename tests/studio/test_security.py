@@ -108,6 +108,11 @@ def test_session_files_are_not_served_by_path_and_responses_hold_no_server_paths
     assert str(root) not in json.dumps(status) and other not in json.dumps(status)
 
 
+# One 128-px image of 100 steps: about a sixth of the 60 s budget on one core of this 2-core machine (its estimate
+# is 10 s), and long enough to cancel or to drop the connection while it runs.
+WITHIN_BUDGET = ("a red heart", "", 0, 100, 5.0, 128, 128, 1, 1.0, 1.0, 1.0, 0.5, 1)
+
+
 def test_a_generation_over_budget_is_refused_and_one_within_can_be_cancelled(strict):
     client = client_for(strict[0])
     session = client.predict(api_name="/new_session")
@@ -115,11 +120,11 @@ def test_a_generation_over_budget_is_refused_and_one_within_can_be_cancelled(str
         client.predict(session, "a red heart", "", 0, 50, 5.0, 2048, 2048, 8, 1.0, 1.0, 1.0, 0.5, 1,
                        api_name="/generate")
     assert "over its 60 s limit per job" in str(excinfo.value) and "fewer or smaller images" in str(excinfo.value)
-    job = client.submit(session, "a red heart", "", 0, 100, 5.0, 128, 128, 2, 1.0, 1.0, 1.0, 0.5, 1,
-                        api_name="/generate")  # within the budget, and long enough to cancel
+    job = client.submit(session, *WITHIN_BUDGET, api_name="/generate")  # long enough to cancel
     registry = strict[1].registry
     deadline = time.time() + 30
     while time.time() < deadline and not any(j.status == "running" for j in registry.jobs_for(session)):
+        assert not job.done(), f"the generation within the budget was refused: {job.exception()}"
         time.sleep(0.1)
     assert "Cancelling 1 job" in client.predict(session, "generate", api_name="/cancel")
     (gen,) = registry.jobs_for(session)
@@ -138,12 +143,13 @@ def test_a_client_that_drops_its_connection_stops_its_job(strict):
     session = client_for(url).predict(api_name="/new_session")
     config = httpx.get(url + "config").json()
     fn = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "generate")
-    data = [session, "a red heart", "", 0, 100, 5.0, 128, 128, 2, 1.0, 1.0, 1.0, 0.5, 1]
+    data = [session, *WITHIN_BUDGET]
     httpx.post(url + "gradio_api/queue/join", json={"data": data, "fn_index": fn, "session_hash": "tab1",
                                                     "event_data": None, "trigger_id": None}).raise_for_status()
     registry = studio.registry
     with httpx.stream("GET", url + "gradio_api/queue/data", params={"session_hash": "tab1"}, timeout=30) as stream:
-        for _ in stream.iter_lines():
+        for line in stream.iter_lines():
+            assert "process_completed" not in line, f"the generation within the budget was refused: {line}"
             if any(j.status == "running" for j in registry.jobs_for(session)):
                 break  # leaving the block closes the connection mid-job
     (gen,) = registry.jobs_for(session)
