@@ -89,9 +89,9 @@ def test_every_tab_upload_train_reload_merge_generate(page, url, tmp_path):
 
     # Train both, reload mid-training, and find the same jobs' progress on the fresh page.
     open_tab(page, "Train")
-    # Enough steps (≈ 15 s per adapter on one core) that the reload surely lands mid-training.
+    # Enough subject steps (≈ 15 s on one core) that the reload surely lands mid-training; the style comes after.
     page.locator("#steps input").fill("120")
-    page.locator("#style_steps input").fill("120")
+    page.locator("#style_steps input").fill("30")
     page.get_by_role("button", name="Train", exact=True).click()
     page.locator("#train_status").get_by_text(re.compile(r"Subject\*?\*? · running")).wait_for()
     page.reload()
@@ -104,7 +104,7 @@ def test_every_tab_upload_train_reload_merge_generate(page, url, tmp_path):
     shot(page, "train")
 
     open_tab(page, "Merge")
-    page.locator("#merge_steps input").fill("30")
+    page.locator("#merge_steps input").fill("10")
     page.get_by_role("button", name="Merge", exact=True).click()
     page.locator("#merge_status").get_by_text(re.compile(r"Merge\*?\*? · done")).wait_for()
     page.wait_for_timeout(1000)

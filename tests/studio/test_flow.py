@@ -25,6 +25,17 @@ def studio(mini, tmp_path):
     registry.close()
 
 
+@pytest.fixture
+def two_candidates(monkeypatch):
+    """The flow's generation picks each image from two candidates, not mini's eight: these tests are about the
+    chain of jobs, and the default count is exercised end to end by the app's and the CLI's tests."""
+    from dataclasses import replace
+
+    from zipq_core import config
+
+    monkeypatch.setitem(config.FAMILY_DEFAULTS, "mini", replace(config.FAMILY_DEFAULTS["mini"], candidates=2))
+
+
 def images(folder: Path, n: int, size=(96, 96)) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     out = []
@@ -86,7 +97,7 @@ def test_requests_over_the_budget_name_what_to_lower(studio):
     assert studio.registry.jobs_for(session) == []
 
 
-def test_the_whole_flow_is_a_chain_of_jobs_with_estimates(studio):
+def test_the_whole_flow_is_a_chain_of_jobs_with_estimates(studio, two_candidates):
     session = studio.new_session()
     loaded, jobs, prompt = studio.run_flow(session, "moon", "grid", 3, 3, "direct", 2, "", 1)
     assert loaded is not None and prompt == "a photo of sks moon in zkz style"
@@ -101,6 +112,7 @@ def test_the_whole_flow_is_a_chain_of_jobs_with_estimates(studio):
         studio.registry.wait(job.id, 120)
     assert [j.status for j in jobs] == ["done"] * 4, [j.error for j in jobs]
     assert len([k for k in jobs[-1].artifacts if k.startswith("image")]) == 4
+    assert jobs[-1].meta["note"].endswith("each image the best of 2 candidates")
     # A finished training keeps no checkpoints (they are for resuming only).
     assert not (studio.paths(session).adapter("subject") / "checkpoints").exists()
     assert studio.resumable_step(session, "subject") is None
@@ -162,7 +174,7 @@ def test_a_job_that_runs_out_of_memory_fails_with_advice_and_the_next_one_runs(s
     assert again.status == "done", again.error
 
 
-def test_klora_is_a_merge_without_a_file_that_generation_uses_until_the_next_merge(mini, tmp_path):
+def test_klora_is_a_merge_without_a_file_that_generation_uses_until_the_next_merge(mini, tmp_path, two_candidates):
     """Choosing K-LoRA records the choice (a short job, no merged file); generation then runs K-LoRA on the two
     adapters; a later merge with a file takes over again."""
     registry = JobRegistry(root=tmp_path / "sessions")
