@@ -28,13 +28,20 @@ def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-def _main(capsys, *args: str) -> dict:
-    """`python -m zipq_core ARGS` in this process: its JSON summary (the base stays cached between calls)."""
+def _in_process(capsys, *args: str) -> tuple[int, str, str]:
+    """`python -m zipq_core ARGS` in this process (the base stays cached between calls): (exit code, stdout,
+    stderr). An exception instead of a message fails the test."""
     from zipq_core.cli import main
 
     capsys.readouterr()
     code = main(list(args))
     out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _main(capsys, *args: str) -> dict:
+    """A command that must succeed, in this process: its JSON summary."""
+    code, out, err = _in_process(capsys, *args)
     assert code == 0, err[-3000:]
     return json.loads(out)
 
@@ -128,30 +135,26 @@ def test_diffusers_loads_the_cli_adapter_and_it_changes_output(trained):
 def test_generate_refuses_a_bad_value_before_loading_the_base(bad, message, monkeypatch, tmp_path, capsys):
     """A typo costs no model load: every generation value is checked first."""
     import zipq_core.base
-    from zipq_core.cli import main
 
     def no_load(*args, **kwargs):
         raise AssertionError("the base was loaded before the values were checked")
 
     monkeypatch.setattr(zipq_core.base, "load_base", no_load)
-    code = main(["generate", "--base", "mini", "--merged", str(tmp_path / "m"), "--prompt", "a photo of sks heart",
-                 *bad, "--out", str(tmp_path / "x.png")])
-    assert code == 2 and message in capsys.readouterr().err
+    code, _, err = _in_process(capsys, "generate", "--base", "mini", "--merged", str(tmp_path / "m"), "--prompt",
+                               "a photo of sks heart", *bad, "--out", str(tmp_path / "x.png"))
+    assert code == 2 and message in err
 
 
 def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     proc = _cli("generate", "--base", "mini", "--adapter", str(tmp_path / "nope"), "--prompt", "x",
                 "--out", str(tmp_path / "x.png"), check=False)
     assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr
-    from zipq_core.cli import main
-
     (tmp_path / "two").mkdir()
     Image.new("RGB", (80, 80)).save(tmp_path / "two" / "only.png")
     for args, message in ((["generate", "--base", "someone/some-model", "--prompt", "x"], "mini"),
                           (["train", "--images", str(tmp_path / "two"), "--steps", "2"], "at least 2")):
-        assert main([*args, "--out", str(tmp_path / "o")]) == 2  # a message, never an exception
-        err = capsys.readouterr().err
-        assert err.startswith("error:") and message in err
+        code, _, err = _in_process(capsys, *args, "--out", str(tmp_path / "o"))
+        assert code == 2 and err.startswith("error:") and message in err  # a message, never an exception
 
 
 def test_help_lists_commands():
