@@ -16,7 +16,6 @@ passes × FLOPs per pass / throughput:
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 import weakref
@@ -93,11 +92,12 @@ class Speed:
         return flops / self.flops_per_second
 
 
-def measure_speed(base, repeats: int = 5) -> Speed:
+def measure_speed(base, repeats: int = 5, at_least: int = 2, within_s: float = 2.0) -> Speed:
     """Time UNet forwards at the base's native size (after one warm-up) and return the throughput of the fastest.
 
     The fastest of several: one forward slowed by another process sharing the cores would make every estimate
-    too long, and a request well within the budget would be refused."""
+    too long, and a request well within the budget would be refused. Up to `repeats` of them, but no more than
+    `at_least` once the timed ones add up to `within_s`: a full-size UNet on a CPU takes many seconds a forward."""
     from .encode import encode_text, unet_forward
 
     size = base.default_size
@@ -107,15 +107,16 @@ def measure_speed(base, repeats: int = 5) -> Speed:
     t = torch.full((1,), 500, device=base.device)
     with base.lock, torch.inference_mode():
         unet_forward(base.unet, x, t, cond)
-        best = math.inf
-        for _ in range(repeats):
+        times: list[float] = []
+        while len(times) < repeats and (len(times) < at_least or sum(times) < within_s):
             if base.device.type == "cuda":
                 torch.cuda.synchronize(base.device)
             started = time.perf_counter()
             unet_forward(base.unet, x, t, cond)
             if base.device.type == "cuda":
                 torch.cuda.synchronize(base.device)
-            best = min(best, time.perf_counter() - started)
+            times.append(time.perf_counter() - started)
+        best = min(times)
     return Speed(unet_flops(base, size, size) / max(best, 1e-6))
 
 

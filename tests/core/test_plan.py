@@ -111,22 +111,36 @@ def test_the_training_estimate_counts_its_previews_and_class_images(mini):
     assert plan.train_seconds(mini, prior, speed) == pytest.approx(quiet + 300 * step + 12 * image)
 
 
-def test_the_speed_is_the_fastest_forward_so_a_busy_moment_does_not_refuse_jobs(mini, monkeypatch):
-    """Two of the timed forwards are slowed, as by another process on the same cores: the measured speed is the
-    undisturbed one, not one that would make every estimate several times too long."""
+def fake_forwards(monkeypatch, seconds) -> dict:
+    """UNet forwards that take `seconds(call)` on a fake clock (call 1 is the warm-up); counts the calls."""
     from zipq_core import encode
 
     clock = {"now": 0.0, "calls": 0}
-    slow = {2, 3}  # the warm-up is call 1
 
     def forward(*args, **kwargs):
         clock["calls"] += 1
-        clock["now"] += 1.0 if clock["calls"] in slow else 0.25
+        clock["now"] += seconds(clock["calls"])
 
     monkeypatch.setattr(encode, "unet_forward", forward)
     monkeypatch.setattr(plan.time, "perf_counter", lambda: clock["now"])
+    return clock
+
+
+def test_the_speed_is_the_fastest_forward_so_a_busy_moment_does_not_refuse_jobs(mini, monkeypatch):
+    """Two of the timed forwards are slowed, as by another process on the same cores: the measured speed is the
+    undisturbed one, not one that would make every estimate several times too long."""
+    clock = fake_forwards(monkeypatch, lambda call: 0.6 if call in (2, 3) else 0.15)
     speed = plan.measure_speed(mini)
-    assert speed.flops_per_second == pytest.approx(plan.unet_flops(mini, 64, 64) / 0.25)
+    assert speed.flops_per_second == pytest.approx(plan.unet_flops(mini, 64, 64) / 0.15)
+    assert clock["calls"] == 1 + 5
+
+
+def test_slow_forwards_are_timed_twice_not_five_times(mini, monkeypatch):
+    """A full-size UNet on a CPU: 30 s a forward; the measurement stops at two timed forwards, not five."""
+    clock = fake_forwards(monkeypatch, lambda call: 30.0 if call == 2 else 20.0)
+    speed = plan.measure_speed(mini)
+    assert clock["calls"] == 1 + 2
+    assert speed.flops_per_second == pytest.approx(plan.unet_flops(mini, 64, 64) / 20.0)
 
 
 def test_checkpointing_and_quantizing_lower_the_plan_on_a_full_size_unet():
